@@ -1,0 +1,1 @@
+"""NANN offline pipeline: data preparation, scoring model training, evaluation."""

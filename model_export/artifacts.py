@@ -140,3 +140,9 @@ def read_meta(directory: str | os.PathLike, kind: str, verify: bool = True) -> d
             if sha256_file(path) != info["sha256"]:
                 raise ArtifactError(f"{path} does not match its recorded sha256; the {kind} is damaged, rebuild it")
     return meta
+
+
+def digest(meta: dict) -> str:
+    """One sha256 naming an artifact's content: the hash of its files' checksums."""
+    files = {name: info["sha256"] for name, info in meta.get("files", {}).items()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

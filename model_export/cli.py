@@ -1,0 +1,187 @@
+"""Command line of the offline pipeline: synthesize, train, evaluate.
+
+    python -m model_export synthesize --items N --users U --out PATH
+    python -m model_export train --interactions PATH --workdir DIR [--arch din|dnn|two_sided]
+    python -m model_export evaluate --workdir DIR [--k 200] [--users N] [--json]
+
+Errors about the input or the workdir are reported as one line on stderr
+with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from model_export.errors import NannError
+
+logger = logging.getLogger("model_export")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model_export",
+        description="NANN offline pipeline: interactions -> trained neural scorer -> evaluation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    syn = sub.add_parser(
+        "synthesize",
+        help="write a synthetic interactions file in the Taobao UserBehavior CSV format",
+        description="Writes a synthetic UserBehavior-format CSV (no header: "
+        "user_id,item_id,category_id,behavior_type,timestamp) with category structure, power-law "
+        "popularity and users whose next item depends on their recent behaviours.",
+    )
+    syn.add_argument("--items", type=_positive_int, required=True, help="number of items in the corpus")
+    syn.add_argument("--users", type=_positive_int, required=True, help="number of users")
+    syn.add_argument("--out", required=True, help="CSV file to write (replaced atomically)")
+    syn.add_argument("--categories", type=_positive_int, default=None,
+                     help="number of categories (default: items / 440, as in the real data)")
+    syn.add_argument("--mean-length", type=float, default=100.0,
+                     help="mean behaviours per user (default 100, as in the real data)")
+    syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    tr = sub.add_parser(
+        "train",
+        help="prepare the interactions and train the scoring model (resumes from checkpoints)",
+        description="Loads and splits the interactions (as the paper: users with >= 10 behaviours, "
+        "validation/test users predict their ceil(l/2)-th behaviour), trains s_u(e_v) with sampled "
+        "softmax + FGSM auxiliary loss, and writes model/ and embeddings/ into the workdir. "
+        "Re-running with the same parameters resumes from the last checkpoint.",
+    )
+    tr.add_argument("--interactions", required=True,
+                    help="UserBehavior CSV, or MovieLens ratings.csv (or its directory, with movies.csv)")
+    tr.add_argument("--format", choices=("userbehavior", "movielens"), default="userbehavior",
+                    help="input format (default userbehavior)")
+    tr.add_argument("--workdir", required=True, help="directory for the dataset, checkpoints, logs and model")
+    tr.add_argument("--arch", choices=("din", "dnn", "two_sided"), default="din",
+                    help="din: target attention (default); dnn: sum-pooling; two_sided: inner product")
+    tr.add_argument("--epochs", type=_positive_int, default=2, help="epochs to train in total (default 2)")
+    tr.add_argument("--fgsm-eps", type=float, default=3e-4, help="FGSM epsilon (default 3e-4; 0 disables)")
+    tr.add_argument("--negatives", type=_positive_int, default=199,
+                    help="noise labels per positive, drawn by popularity (default 199)")
+    tr.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default 512)")
+    tr.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    tr.add_argument("--max-len", type=_positive_int, default=50,
+                    help="behaviours before the target the model sees (default 50)")
+    tr.add_argument("--min-behaviours", type=_positive_int, default=10,
+                    help="keep users with at least this many behaviours (default 10)")
+    tr.add_argument("--skip-bad-rows", action="store_true",
+                    help="skip and count malformed rows instead of stopping at the first")
+    tr.add_argument("--checkpoint-every", type=_positive_int, default=500,
+                    help="batches between checkpoints (default 500; one is also written per epoch)")
+    tr.add_argument("--restart", action="store_true",
+                    help="discard the workdir's dataset and checkpoints and start over")
+    tr.add_argument("--seed", type=int, default=0, help="random seed for split, sampling and init (default 0)")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="recall-all@k of the trained model by exhaustive scoring",
+        description="Scores every item for each evaluated user and reports recall-all@k.",
+    )
+    ev.add_argument("--workdir", required=True, help="a workdir written by train")
+    ev.add_argument("--k", type=_positive_int, default=200, help="top-k to retrieve (default 200)")
+    ev.add_argument("--mode", choices=("exhaustive",), default="exhaustive", help="search mode")
+    ev.add_argument("--users", type=int, default=0,
+                    help="evaluate a seeded sample of N users (default 0 = all evaluated users)")
+    ev.add_argument("--split", choices=("test", "valid"), default="test", help="evaluated users (default test)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the --users sample (default 0)")
+    ev.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    return parser
+
+
+def _synthesize(args) -> int:
+    from model_export.synthetic import synthesize
+
+    try:
+        summary = synthesize(args.items, args.users, args.out, categories=args.categories,
+                             seed=args.seed, mean_length=args.mean_length)
+    except ValueError as e:
+        raise NannError(str(e)) from e
+    logger.info("wrote %s: %s", args.out, json.dumps(summary, default=str))
+    return 0
+
+
+def _prepare_dataset(args):
+    from model_export import artifacts, data
+
+    directory = Path(args.workdir) / "dataset"
+    params = {"format": args.format, "min_behaviours": args.min_behaviours, "seed": args.seed,
+              "skip_bad_rows": args.skip_bad_rows}
+    if directory.exists() and not args.restart:
+        meta = artifacts.read_meta(directory, "dataset", verify=False)
+        same_params = all(meta["params"].get(k) == v for k, v in params.items())
+        if same_params and meta["inputs"].get("sha256") == artifacts.sha256_file(_interactions_file(args)):
+            logger.info("reusing the prepared dataset in %s", directory)
+            return data.load_dataset(directory)
+        raise NannError(
+            f"{directory} was prepared from another input or with other parameters; "
+            "use another --workdir, or pass --restart to replace it"
+        )
+    dataset = data.load_dataset_from_file(args.interactions, args.format, min_behaviours=args.min_behaviours,
+                                           seed=args.seed, skip_bad_rows=args.skip_bad_rows)
+    data.save_dataset(dataset, directory)
+    return data.load_dataset(directory)
+
+
+def _interactions_file(args) -> Path:
+    path = Path(args.interactions)
+    return path / "ratings.csv" if path.is_dir() else path
+
+
+def _train(args) -> int:
+    from model_export.train import TrainConfig, train
+
+    try:
+        config = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
+                             negatives=args.negatives, fgsm_eps=args.fgsm_eps, learning_rate=args.lr,
+                             max_len=args.max_len, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    except ValueError as e:
+        raise NannError(str(e)) from e
+    workdir = Path(args.workdir)
+    created = not workdir.exists()
+    try:
+        dataset = _prepare_dataset(args)
+        summary = train(dataset, workdir, config, restart=args.restart)
+    except BaseException:
+        if created and workdir.exists() and not any(workdir.iterdir()):
+            workdir.rmdir()
+        raise
+    logger.info("training done: %s", json.dumps(summary))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from model_export.evaluate import EvalConfig, evaluate
+
+    result = evaluate(args.workdir, EvalConfig(k=args.k, mode=args.mode, users=args.users,
+                                               split=args.split, seed=args.seed))
+    print(json.dumps(result) if args.json else
+          f"recall-all@{result['k']} = {result['recall_all']:.4f} "
+          f"({result['users']} {result['split']} users, {result['items']} items, {result['mode']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    handler = {"synthesize": _synthesize, "train": _train, "evaluate": _evaluate}[args.command]
+    try:
+        return handler(args)
+    except NannError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
