@@ -1,0 +1,31 @@
+# NANN: set-up, demo and tests. Every target creates .venv with the pinned requirements if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := runs/demo
+
+.PHONY: setup demo test lint clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+# End to end on a small synthetic corpus: synthesize -> train (din + FGSM) -> exhaustive evaluation.
+demo: setup
+	$(BIN)/python -m model_export synthesize --items 5000 --users 2000 --mean-length 30 --out $(DEMO)/interactions.csv
+	$(BIN)/python -m model_export train --interactions $(DEMO)/interactions.csv --workdir $(DEMO)/work --epochs 1 --restart
+	$(BIN)/python -m model_export evaluate --workdir $(DEMO)/work --k 200
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean-demo:
+	rm -rf $(DEMO)
