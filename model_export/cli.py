@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fgsm-eps", type=float, default=3e-4, help="FGSM epsilon (default 3e-4; 0 disables)")
     tr.add_argument("--negatives", type=_positive_int, default=199,
                     help="noise labels per positive, drawn by popularity (default 199)")
-    tr.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default 512)")
+    tr.add_argument("--batch-size", type=_positive_int, default=128, help="examples per batch (default 128)")
     tr.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
     tr.add_argument("--max-len", type=_positive_int, default=50,
                     help="behaviours before the target the model sees (default 50)")

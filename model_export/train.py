@@ -37,7 +37,7 @@ class TrainConfig:
 
     arch: str = "din"
     epochs: int = 2
-    batch_size: int = 512
+    batch_size: int = 128
     negatives: int = 199
     fgsm_eps: float = 3e-4
     learning_rate: float = 3e-3

@@ -1,0 +1,133 @@
+"""Table-3-style benchmark: recall-all@200 per architecture, with and without FGSM.
+
+Trains two_sided, dnn and din, each with --fgsm-eps 0 and the default, on a
+synthetic UserBehavior-format corpus and/or MovieLens-small, evaluates each
+by exhaustive top-200 over the whole corpus, and writes the table (Markdown
+and JSON, with the command that produced it) to benchmarks/results/.
+Every training run is its own process (`python -m model_export train`), so
+its throughput and peak memory are its own. A popularity baseline (the 200
+items most frequent among training users) is reported beside the models.
+
+    python benchmarks/table3.py --dataset synthetic --items 100000 --users 20000
+    python benchmarks/table3.py --dataset movielens --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ARCHS = ("two_sided", "dnn", "din")
+
+
+def run(cmd: list[str]) -> str:
+    print("+", " ".join(cmd), flush=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return done.stdout
+
+
+def popularity_recall(workdir: Path, k: int, users: int, seed: int) -> float:
+    """recall@k of the k items most frequent among training users, on the same evaluated users."""
+    sys.path.insert(0, str(ROOT))
+    from model_export.data import load_dataset
+
+    ds = load_dataset(workdir / "dataset")
+    top = np.argsort(-ds.item_counts(ds.train_users), kind="stable")[:k]
+    eval_users, _, targets = ds.eval_examples("test", 50)
+    if users and users < len(eval_users):
+        pick = np.sort(np.random.default_rng(seed).choice(len(eval_users), users, replace=False))
+        targets = targets[pick]
+    return float(np.isin(targets, top).mean())
+
+
+def bench(name: str, interactions: str, fmt: str, args) -> dict:
+    rows = []
+    base = ROOT / "runs" / "table3" / name
+    for arch in ARCHS:
+        for eps in (0.0, args.fgsm_eps):
+            workdir = base / f"{arch}-eps{eps:g}"
+            run([sys.executable, "-m", "model_export", "train", "--interactions", interactions, "--format", fmt,
+                 "--workdir", str(workdir), "--arch", arch, "--fgsm-eps", str(eps), "--epochs", str(args.epochs),
+                 "--seed", str(args.seed), "--restart"])
+            out = run([sys.executable, "-m", "model_export", "evaluate", "--workdir", str(workdir), "--k", "200",
+                       "--users", str(args.eval_users), "--json"])
+            result = json.loads(out.strip().splitlines()[-1])
+            meta = json.loads((workdir / "model" / "meta.json").read_text())
+            result["training"] = meta["training"]
+            rows.append(result)
+            print(json.dumps(result), flush=True)
+    pop = popularity_recall(base / f"{ARCHS[0]}-eps0", 200, args.eval_users, 0)
+    return {"dataset": name, "interactions": interactions, "rows": rows, "popularity_recall": pop,
+            "dataset_counts": json.loads((base / f"{ARCHS[0]}-eps0" / "dataset" / "meta.json").read_text())["counts"]}
+
+
+def markdown(result: dict, command: str) -> str:
+    rows = {(r["arch"], r["fgsm_eps"] > 0): r for r in result["rows"]}
+    c = result["dataset_counts"]
+    users = result["rows"][0]["users"]
+    lines = [
+        f"### {result['dataset']}: recall-all@200 (%), exhaustive, {users} test users",
+        "",
+        f"Corpus: {c.get('items')} items, {c.get('users_kept')} users kept, {c.get('rows')} rows. "
+        f"Popularity baseline (top-200 training items): {100 * result['popularity_recall']:.1f}%.",
+        "",
+        "| model | no FGSM | FGSM | train ex/s (no FGSM / FGSM) | peak RSS MiB (no FGSM / FGSM) |",
+        "|---|---|---|---|---|",
+    ]
+    for arch in ARCHS:
+        a, b = rows[(arch, False)], rows[(arch, True)]
+        lines.append(
+            f"| {arch} | {100 * a['recall_all']:.1f} | {100 * b['recall_all']:.1f} | "
+            f"{a['training']['examples_per_second']:.0f} / {b['training']['examples_per_second']:.0f} | "
+            f"{a['training']['peak_rss_mib']:.0f} / {b['training']['peak_rss_mib']:.0f} |"
+        )
+    lines += ["", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=("synthetic", "movielens"), required=True)
+    parser.add_argument("--items", type=int, default=100_000, help="synthetic corpus size")
+    parser.add_argument("--users", type=int, default=20_000, help="synthetic users")
+    parser.add_argument("--mean-length", type=float, default=30.0, help="synthetic behaviours per user")
+    parser.add_argument("--movielens", default=str(ROOT.parent / "shared" / "data" / "movielens-small"))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--fgsm-eps", type=float, default=3e-4)
+    parser.add_argument("--eval-users", type=int, default=1000, help="seeded sample of test users (0 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    command = "python benchmarks/table3.py " + " ".join(sys.argv[1:])
+
+    if args.dataset == "synthetic":
+        csv = ROOT / "runs" / "table3" / f"synthetic-{args.items}x{args.users}.csv"
+        if not csv.exists():
+            run([sys.executable, "-m", "model_export", "synthesize", "--items", str(args.items), "--users",
+                 str(args.users), "--mean-length", str(args.mean_length), "--seed", str(args.seed),
+                 "--out", str(csv)])
+        result = bench(f"synthetic-{args.items}x{args.users}", str(csv), "userbehavior", args)
+    else:
+        result = bench("movielens-small", args.movielens, "movielens", args)
+    result.update(command=command, epochs=args.epochs, date=dt.datetime.now(dt.timezone.utc).isoformat(),
+                  machine={"cpus": os.cpu_count(), "platform": platform.platform()})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"table3_{result['dataset']}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result, command))
+    print(markdown(result, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
