@@ -57,19 +57,59 @@ def bench(name: str, interactions: str, fmt: str, args) -> dict:
     for arch in ARCHS:
         for eps in (0.0, args.fgsm_eps):
             workdir = base / f"{arch}-eps{eps:g}"
-            run([sys.executable, "-m", "model_export", "train", "--interactions", interactions, "--format", fmt,
-                 "--workdir", str(workdir), "--arch", arch, "--fgsm-eps", str(eps), "--epochs", str(args.epochs),
-                 "--seed", str(args.seed), "--restart"])
-            out = run([sys.executable, "-m", "model_export", "evaluate", "--workdir", str(workdir), "--k", "200",
-                       "--users", str(args.eval_users), "--json"])
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "model_export",
+                    "train",
+                    "--interactions",
+                    interactions,
+                    "--format",
+                    fmt,
+                    "--workdir",
+                    str(workdir),
+                    "--arch",
+                    arch,
+                    "--fgsm-eps",
+                    str(eps),
+                    "--epochs",
+                    str(args.epochs),
+                    "--seed",
+                    str(args.seed),
+                    "--restart",
+                ]
+            )
+            out = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "model_export",
+                    "evaluate",
+                    "--workdir",
+                    str(workdir),
+                    "--k",
+                    "200",
+                    "--users",
+                    str(args.eval_users),
+                    "--json",
+                ]
+            )
             result = json.loads(out.strip().splitlines()[-1])
             meta = json.loads((workdir / "model" / "meta.json").read_text())
             result["training"] = meta["training"]
             rows.append(result)
             print(json.dumps(result), flush=True)
     pop = popularity_recall(base / f"{ARCHS[0]}-eps0", 200, args.eval_users, 0)
-    return {"dataset": name, "interactions": interactions, "rows": rows, "popularity_recall": pop,
-            "dataset_counts": json.loads((base / f"{ARCHS[0]}-eps0" / "dataset" / "meta.json").read_text())["counts"]}
+    return {
+        "dataset": name,
+        "interactions": interactions,
+        "rows": rows,
+        "popularity_recall": pop,
+        "dataset_counts": json.loads((base / f"{ARCHS[0]}-eps0" / "dataset" / "meta.json").read_text())[
+            "counts"
+        ],
+    }
 
 
 def markdown(result: dict, command: str) -> str:
@@ -113,14 +153,33 @@ def main() -> int:
     if args.dataset == "synthetic":
         csv = ROOT / "runs" / "table3" / f"synthetic-{args.items}x{args.users}.csv"
         if not csv.exists():
-            run([sys.executable, "-m", "model_export", "synthesize", "--items", str(args.items), "--users",
-                 str(args.users), "--mean-length", str(args.mean_length), "--seed", str(args.seed),
-                 "--out", str(csv)])
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "model_export",
+                    "synthesize",
+                    "--items",
+                    str(args.items),
+                    "--users",
+                    str(args.users),
+                    "--mean-length",
+                    str(args.mean_length),
+                    "--seed",
+                    str(args.seed),
+                    "--out",
+                    str(csv),
+                ]
+            )
         result = bench(f"synthetic-{args.items}x{args.users}", str(csv), "userbehavior", args)
     else:
         result = bench("movielens-small", args.movielens, "movielens", args)
-    result.update(command=command, epochs=args.epochs, date=dt.datetime.now(dt.timezone.utc).isoformat(),
-                  machine={"cpus": os.cpu_count(), "platform": platform.platform()})
+    result.update(
+        command=command,
+        epochs=args.epochs,
+        date=dt.datetime.now(dt.UTC).isoformat(),
+        machine={"cpus": os.cpu_count(), "platform": platform.platform()},
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"table3_{result['dataset']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -61,7 +61,7 @@ def provenance(kind: str, params: dict, inputs: dict | None = None) -> dict:
     return {
         "kind": kind,
         "format_version": FORMAT_VERSION,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "params": params,
         "inputs": inputs or {},
@@ -138,7 +138,9 @@ def read_meta(directory: str | os.PathLike, kind: str, verify: bool = True) -> d
             if not path.is_file():
                 raise ArtifactError(f"{path} is missing; the {kind} artifact is incomplete, rebuild it")
             if sha256_file(path) != info["sha256"]:
-                raise ArtifactError(f"{path} does not match its recorded sha256; the {kind} is damaged, rebuild it")
+                raise ArtifactError(
+                    f"{path} does not match its recorded sha256; the {kind} is damaged, rebuild it"
+                )
     return meta
 
 

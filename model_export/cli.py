@@ -47,10 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--items", type=_positive_int, required=True, help="number of items in the corpus")
     syn.add_argument("--users", type=_positive_int, required=True, help="number of users")
     syn.add_argument("--out", required=True, help="CSV file to write (replaced atomically)")
-    syn.add_argument("--categories", type=_positive_int, default=None,
-                     help="number of categories (default: items / 440, as in the real data)")
-    syn.add_argument("--mean-length", type=float, default=100.0,
-                     help="mean behaviours per user (default 100, as in the real data)")
+    syn.add_argument(
+        "--categories",
+        type=_positive_int,
+        default=None,
+        help="number of categories (default: items / 440, as in the real data)",
+    )
+    syn.add_argument(
+        "--mean-length",
+        type=float,
+        default=100.0,
+        help="mean behaviours per user (default 100, as in the real data)",
+    )
     syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     tr = sub.add_parser(
@@ -61,30 +69,63 @@ def build_parser() -> argparse.ArgumentParser:
         "softmax + FGSM auxiliary loss, and writes model/ and embeddings/ into the workdir. "
         "Re-running with the same parameters resumes from the last checkpoint.",
     )
-    tr.add_argument("--interactions", required=True,
-                    help="UserBehavior CSV, or MovieLens ratings.csv (or its directory, with movies.csv)")
-    tr.add_argument("--format", choices=("userbehavior", "movielens"), default="userbehavior",
-                    help="input format (default userbehavior)")
+    tr.add_argument(
+        "--interactions",
+        required=True,
+        help="UserBehavior CSV, or MovieLens ratings.csv (or its directory, with movies.csv)",
+    )
+    tr.add_argument(
+        "--format",
+        choices=("userbehavior", "movielens"),
+        default="userbehavior",
+        help="input format (default userbehavior)",
+    )
     tr.add_argument("--workdir", required=True, help="directory for the dataset, checkpoints, logs and model")
-    tr.add_argument("--arch", choices=("din", "dnn", "two_sided"), default="din",
-                    help="din: target attention (default); dnn: sum-pooling; two_sided: inner product")
+    tr.add_argument(
+        "--arch",
+        choices=("din", "dnn", "two_sided"),
+        default="din",
+        help="din: target attention (default); dnn: sum-pooling; two_sided: inner product",
+    )
     tr.add_argument("--epochs", type=_positive_int, default=2, help="epochs to train in total (default 2)")
     tr.add_argument("--fgsm-eps", type=float, default=3e-4, help="FGSM epsilon (default 3e-4; 0 disables)")
-    tr.add_argument("--negatives", type=_positive_int, default=199,
-                    help="noise labels per positive, drawn by popularity (default 199)")
+    tr.add_argument(
+        "--negatives",
+        type=_positive_int,
+        default=199,
+        help="noise labels per positive, drawn by popularity (default 199)",
+    )
     tr.add_argument("--batch-size", type=_positive_int, default=128, help="examples per batch (default 128)")
     tr.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    tr.add_argument("--max-len", type=_positive_int, default=50,
-                    help="behaviours before the target the model sees (default 50)")
-    tr.add_argument("--min-behaviours", type=_positive_int, default=10,
-                    help="keep users with at least this many behaviours (default 10)")
-    tr.add_argument("--skip-bad-rows", action="store_true",
-                    help="skip and count malformed rows instead of stopping at the first")
-    tr.add_argument("--checkpoint-every", type=_positive_int, default=500,
-                    help="batches between checkpoints (default 500; one is also written per epoch)")
-    tr.add_argument("--restart", action="store_true",
-                    help="discard the workdir's dataset and checkpoints and start over")
-    tr.add_argument("--seed", type=int, default=0, help="random seed for split, sampling and init (default 0)")
+    tr.add_argument(
+        "--max-len",
+        type=_positive_int,
+        default=50,
+        help="behaviours before the target the model sees (default 50)",
+    )
+    tr.add_argument(
+        "--min-behaviours",
+        type=_positive_int,
+        default=10,
+        help="keep users with at least this many behaviours (default 10)",
+    )
+    tr.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="skip and count malformed rows instead of stopping at the first",
+    )
+    tr.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=500,
+        help="batches between checkpoints (default 500; one is also written per epoch)",
+    )
+    tr.add_argument(
+        "--restart", action="store_true", help="discard the workdir's dataset and checkpoints and start over"
+    )
+    tr.add_argument(
+        "--seed", type=int, default=0, help="random seed for split, sampling and init (default 0)"
+    )
 
     ev = sub.add_parser(
         "evaluate",
@@ -94,11 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workdir", required=True, help="a workdir written by train")
     ev.add_argument("--k", type=_positive_int, default=200, help="top-k to retrieve (default 200)")
     ev.add_argument("--mode", choices=("exhaustive",), default="exhaustive", help="search mode")
-    ev.add_argument("--users", type=int, default=0,
-                    help="evaluate a seeded sample of N users (default 0 = all evaluated users)")
-    ev.add_argument("--split", choices=("test", "valid"), default="test", help="evaluated users (default test)")
+    ev.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        help="evaluate a seeded sample of N users (default 0 = all evaluated users)",
+    )
+    ev.add_argument(
+        "--split", choices=("test", "valid"), default="test", help="evaluated users (default test)"
+    )
     ev.add_argument("--seed", type=int, default=0, help="seed of the --users sample (default 0)")
-    ev.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    ev.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object on the last line"
+    )
     return parser
 
 
@@ -106,8 +155,14 @@ def _synthesize(args) -> int:
     from model_export.synthetic import synthesize
 
     try:
-        summary = synthesize(args.items, args.users, args.out, categories=args.categories,
-                             seed=args.seed, mean_length=args.mean_length)
+        summary = synthesize(
+            args.items,
+            args.users,
+            args.out,
+            categories=args.categories,
+            seed=args.seed,
+            mean_length=args.mean_length,
+        )
     except ValueError as e:
         raise NannError(str(e)) from e
     logger.info("wrote %s: %s", args.out, json.dumps(summary, default=str))
@@ -118,8 +173,12 @@ def _prepare_dataset(args):
     from model_export import artifacts, data
 
     directory = Path(args.workdir) / "dataset"
-    params = {"format": args.format, "min_behaviours": args.min_behaviours, "seed": args.seed,
-              "skip_bad_rows": args.skip_bad_rows}
+    params = {
+        "format": args.format,
+        "min_behaviours": args.min_behaviours,
+        "seed": args.seed,
+        "skip_bad_rows": args.skip_bad_rows,
+    }
     if directory.exists() and not args.restart:
         meta = artifacts.read_meta(directory, "dataset", verify=False)
         same_params = all(meta["params"].get(k) == v for k, v in params.items())
@@ -130,8 +189,13 @@ def _prepare_dataset(args):
             f"{directory} was prepared from another input or with other parameters; "
             "use another --workdir, or pass --restart to replace it"
         )
-    dataset = data.load_dataset_from_file(args.interactions, args.format, min_behaviours=args.min_behaviours,
-                                           seed=args.seed, skip_bad_rows=args.skip_bad_rows)
+    dataset = data.load_dataset_from_file(
+        args.interactions,
+        args.format,
+        min_behaviours=args.min_behaviours,
+        seed=args.seed,
+        skip_bad_rows=args.skip_bad_rows,
+    )
     data.save_dataset(dataset, directory)
     return data.load_dataset(directory)
 
@@ -145,9 +209,17 @@ def _train(args) -> int:
     from model_export.train import TrainConfig, train
 
     try:
-        config = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-                             negatives=args.negatives, fgsm_eps=args.fgsm_eps, learning_rate=args.lr,
-                             max_len=args.max_len, seed=args.seed, checkpoint_every=args.checkpoint_every)
+        config = TrainConfig(
+            arch=args.arch,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            negatives=args.negatives,
+            fgsm_eps=args.fgsm_eps,
+            learning_rate=args.lr,
+            max_len=args.max_len,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+        )
     except ValueError as e:
         raise NannError(str(e)) from e
     workdir = Path(args.workdir)
@@ -166,18 +238,25 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from model_export.evaluate import EvalConfig, evaluate
 
-    result = evaluate(args.workdir, EvalConfig(k=args.k, mode=args.mode, users=args.users,
-                                               split=args.split, seed=args.seed))
-    print(json.dumps(result) if args.json else
-          f"recall-all@{result['k']} = {result['recall_all']:.4f} "
-          f"({result['users']} {result['split']} users, {result['items']} items, {result['mode']})")
+    result = evaluate(
+        args.workdir, EvalConfig(k=args.k, mode=args.mode, users=args.users, split=args.split, seed=args.seed)
+    )
+    print(
+        json.dumps(result)
+        if args.json
+        else f"recall-all@{result['k']} = {result['recall_all']:.4f} "
+        f"({result['users']} {result['split']} users, {result['items']} items, {result['mode']})"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     handler = {"synthesize": _synthesize, "train": _train, "evaluate": _evaluate}[args.command]
     try:

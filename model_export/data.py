@@ -148,7 +148,7 @@ class _RowProblems:
             columns = ",".join(name for name, _ in self.fields)
             raise InputError(
                 f"{where}: {problem}. Each row must be {columns}; fix or delete that line, "
-                "or load with skip_bad_rows=True to skip malformed rows"
+                "or pass --skip-bad-rows (skip_bad_rows=True) to skip malformed rows"
             )
         self.count += 1
         if len(self.examples) < _MAX_EXAMPLES:

@@ -65,8 +65,12 @@ class ExhaustiveSearcher:
         n = len(histories)
         ids = np.empty((n, k), np.int32)
         scores = np.empty((n, k), np.float32)
-        for start in tqdm(range(0, n, self.user_batch), desc="exhaustive top-k", unit="batch",
-                          disable=None if progress else True):
+        for start in tqdm(
+            range(0, n, self.user_batch),
+            desc="exhaustive top-k",
+            unit="batch",
+            disable=None if progress else True,
+        ):
             rows = slice(start, start + self.user_batch)
             s, i = self._search_batch(tf.constant(histories[rows], tf.int32), tf.constant(k))
             ids[rows], scores[rows] = i.numpy(), s.numpy()
@@ -82,7 +86,9 @@ class ExhaustiveSearcher:
         best_i = tf.zeros([batch, k], tf.int32)
         for c in tf.range(self.num_chunks):
             start = c * chunk
-            cand = tf.broadcast_to(self.item_e[start : start + chunk][None], [batch, chunk, self.item_e.shape[1]])
+            cand = tf.broadcast_to(
+                self.item_e[start : start + chunk][None], [batch, chunk, self.item_e.shape[1]]
+            )
             s = self.model.score(state, cand)
             item = start + tf.range(chunk)
             s = tf.where(item[None, :] < self.num_items, s, -np.inf)
@@ -154,10 +160,20 @@ def evaluate(workdir: str | Path, config: EvalConfig, progress: bool = True) -> 
         import json
 
         (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        artifacts.write_meta(tmp, artifacts.provenance("evaluation", dataclasses.asdict(config),
-                                                       inputs={"model": artifacts.digest(train_meta)}))
+        artifacts.write_meta(
+            tmp,
+            artifacts.provenance(
+                "evaluation", dataclasses.asdict(config), inputs={"model": artifacts.digest(train_meta)}
+            ),
+        )
     logger.info(
         "recall-all@%d = %.4f over %d %s users (%d items, %s, %.1f s)",
-        config.k, result["recall_all"], result["users"], config.split, result["items"], config.mode, seconds,
+        config.k,
+        result["recall_all"],
+        result["users"],
+        config.split,
+        result["items"],
+        config.mode,
+        seconds,
     )
     return result

@@ -70,23 +70,37 @@ class ModelConfig:
         return cls(**raw)
 
 
-def _mlp(units: tuple[int, ...], batch_norm: bool, name: str) -> list[keras.layers.Layer]:
-    layers = []
-    for i, n in enumerate(units):
-        layers.append(keras.layers.Dense(n, name=f"{name}_dense{i}"))
-        if batch_norm:
-            layers.append(keras.layers.BatchNormalization(name=f"{name}_bn{i}"))
-        layers.append(keras.layers.PReLU(name=f"{name}_prelu{i}"))
-    return layers
+class MLP(keras.layers.Layer):
+    """Dense -> [BatchNorm] -> PReLU blocks, optionally ending in a linear Dense layer.
 
+    Sublayers are attributes (not a Python list) so that tf.train.Checkpoint
+    tracks them: training resumes from tf.train checkpoints.
+    """
 
-def _apply(layers: list[keras.layers.Layer], x, training: bool, mask=None):
-    for layer in layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            x = layer(x, training=training, mask=mask)
-        else:
-            x = layer(x)
-    return x
+    def __init__(self, units: tuple[int, ...], batch_norm: bool, out_units: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True  # the mask goes to BatchNorm statistics only
+        self._order = []
+        for i, n in enumerate(units):
+            self._add(f"dense{i}", keras.layers.Dense(n, name=f"dense{i}"))
+            if batch_norm:
+                self._add(f"bn{i}", keras.layers.BatchNormalization(name=f"bn{i}"))
+            self._add(f"prelu{i}", keras.layers.PReLU(name=f"prelu{i}"))
+        if out_units is not None:
+            self._add("out", keras.layers.Dense(out_units, name="out"))
+
+    def _add(self, name: str, layer: keras.layers.Layer) -> None:
+        setattr(self, name, layer)
+        self._order.append(name)
+
+    def call(self, x, training=False, mask=None):
+        for name in self._order:
+            layer = getattr(self, name)
+            if isinstance(layer, keras.layers.BatchNormalization):
+                x = layer(x, training=training, mask=mask)
+            else:
+                x = layer(x)
+        return x
 
 
 class NannModel(keras.Model):
@@ -97,7 +111,9 @@ class NannModel(keras.Model):
         self.config = config
         item_category = np.asarray(item_category, dtype=np.int32)
         if item_category.shape != (config.num_items,):
-            raise ValueError(f"item_category must have shape ({config.num_items},), got {item_category.shape}")
+            raise ValueError(
+                f"item_category must have shape ({config.num_items},), got {item_category.shape}"
+            )
         if item_category.size and (item_category.min() < 0 or item_category.max() >= config.num_categories):
             raise ValueError("item_category holds a category outside 0..num_categories-1")
         d = config.embedding_dim
@@ -105,11 +121,10 @@ class NannModel(keras.Model):
         self.item_category = tf.constant(item_category)
         self.item_table = keras.layers.Embedding(config.num_items, d, name="item_id_embedding")
         self.category_table = keras.layers.Embedding(config.num_categories, d, name="category_embedding")
-        self.item_net = _mlp(config.item_layers, batch_norm=True, name="item_net")
+        self.item_net = MLP(config.item_layers, batch_norm=True, name="item_net")
         dv = config.item_dim
         if config.arch == "two_sided":
-            self.user_net = [*_mlp(config.score_layers[:1], batch_norm=False, name="user_net"),
-                             keras.layers.Dense(dv, name="user_net_out")]
+            self.user_net = MLP(config.score_layers[:1], batch_norm=False, out_units=dv, name="user_net")
         else:
             h1, rest = config.score_layers[0], config.score_layers[1:]
             # First score layer split by input block: the pooled-user block is computed once
@@ -124,8 +139,7 @@ class NannModel(keras.Model):
                 # Input [att, att * e_v]: both vary per candidate, so one matmul serves them.
                 self.w_att = keras.layers.Dense(h1, use_bias=False, name="score_in_attention")
             self.score_act = keras.layers.PReLU(name="score_prelu0")
-            self.score_net = [*_mlp(rest, batch_norm=False, name="score_net"),
-                              keras.layers.Dense(1, name="score_out")]
+            self.score_net = MLP(rest, batch_norm=False, out_units=1, name="score_net")
 
     # -- item side ---------------------------------------------------------------
     def item_embeddings(self, item_ids, training: bool = False, mask=None):
@@ -145,7 +159,7 @@ class NannModel(keras.Model):
             flat = tf.where(flat_mask, flat, 0)
         cats = tf.gather(self.item_category, flat)
         x = tf.concat([self.item_table(flat), self.category_table(cats)], axis=-1)
-        e = _apply(self.item_net, x, training, mask=flat_mask)
+        e = self.item_net(x, training=training, mask=flat_mask)
         if flat_mask is not None:
             e = e * tf.cast(flat_mask, e.dtype)[:, None]
         return tf.reshape(e, tf.concat([tf.shape(ids), [self.config.item_dim]], axis=0))
@@ -170,7 +184,7 @@ class NannModel(keras.Model):
         hist_e = hist_e * m
         pooled = tf.reduce_sum(hist_e, axis=1)
         if self.config.arch == "two_sided":
-            return {"user_vector": _apply(self.user_net, pooled, False)}
+            return {"user_vector": self.user_net(pooled)}
         # w_item(e) + w_user_x_item(pooled * e) == e @ (W_item + diag(pooled) W_user_x_item):
         # one [D, H] matrix per user replaces two per-candidate matmuls.
         item_matrix = self.w_item[None] + pooled[:, :, None] * self.w_user_x_item[None]
@@ -198,7 +212,7 @@ class NannModel(keras.Model):
         if self.config.arch == "din":
             att = self.attention(state, cand_e)
             h = h + self.w_att(tf.concat([att, att * cand_e], axis=-1))
-        h = _apply(self.score_net, self.score_act(h), False)
+        h = self.score_net(self.score_act(h))
         return tf.squeeze(h, axis=-1)
 
     def score_items(self, history, item_ids):

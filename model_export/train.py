@@ -132,8 +132,12 @@ def make_train_step(model: NannModel, optimizer, log_q_table, fgsm_eps: float, m
     def step(history, pos_ids, neg_ids):
         batch = tf.shape(pos_ids)[0]
         log_q = tf.concat(
-            [tf.gather(log_q_table, pos_ids)[:, None],
-             tf.tile(tf.gather(log_q_table, neg_ids)[None, :], [batch, 1])], axis=1)
+            [
+                tf.gather(log_q_table, pos_ids)[:, None],
+                tf.tile(tf.gather(log_q_table, neg_ids)[None, :], [batch, 1]),
+            ],
+            axis=1,
+        )
         with tf.GradientTape() as tape:
             hist_e, mask = model.behaviour_embeddings(history, training=True)
             e = model.item_embeddings(tf.concat([pos_ids, neg_ids], 0), training=True)
@@ -153,7 +157,7 @@ def make_train_step(model: NannModel, optimizer, log_q_table, fgsm_eps: float, m
                 aux = tf.constant(0.0)
             loss = nce + aux
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss, nce, aux
 
     return step
@@ -193,7 +197,9 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
     (train_dir / "run.json").write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
     keras.utils.set_random_seed(config.seed)
-    model_config = ModelConfig(num_items=dataset.num_items, num_categories=dataset.num_categories, arch=config.arch)
+    model_config = ModelConfig(
+        num_items=dataset.num_items, num_categories=dataset.num_categories, arch=config.arch
+    )
     model = build_model(model_config, dataset.item_category)
     optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
     optimizer.build(model.trainable_variables)
@@ -203,18 +209,33 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
     manager = tf.train.CheckpointManager(ckpt, str(train_dir / "checkpoints"), max_to_keep=2)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logger.info("resumed from %s (epoch %d, batch %d)", manager.latest_checkpoint,
-                    int(epoch_var.numpy()) + 1, int(batch_var.numpy()))
+        logger.info(
+            "resumed from %s (epoch %d, batch %d)",
+            manager.latest_checkpoint,
+            int(epoch_var.numpy()) + 1,
+            int(batch_var.numpy()),
+        )
 
     noise = noise_distribution(dataset)
     batches = BatchMaker(dataset, config, noise)
-    step = make_train_step(model, optimizer, tf.constant(np.log(noise), tf.float32),
-                           config.fgsm_eps, config.max_len, config.negatives)
+    step = make_train_step(
+        model,
+        optimizer,
+        tf.constant(np.log(noise), tf.float32),
+        config.fgsm_eps,
+        config.max_len,
+        config.negatives,
+    )
     writer = tf.summary.create_file_writer(str(workdir / "logs"))
     logger.info(
         "training %s on %d examples/epoch (%d users, %d items), batch %d, %d noise labels, fgsm eps %g",
-        config.arch, len(batches.positions), len(dataset.train_users), dataset.num_items,
-        config.batch_size, config.negatives, config.fgsm_eps,
+        config.arch,
+        len(batches.positions),
+        len(dataset.train_users),
+        dataset.num_items,
+        config.batch_size,
+        config.negatives,
+        config.fgsm_eps,
     )
 
     examples, seconds, loss = 0, 0.0, (float("nan"),) * 3
@@ -222,8 +243,13 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
         epoch = int(epoch_var.numpy())
         batches.start_epoch(epoch)
         first = int(batch_var.numpy())
-        bar = tqdm(total=batches.batches_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="batch", disable=None)
+        bar = tqdm(
+            total=batches.batches_per_epoch,
+            initial=first,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="batch",
+            disable=None,
+        )
         started = time.perf_counter()
         epoch_examples = 0
         for i, (hist, pos, neg) in enumerate(batches.tf_dataset(first), start=first):
@@ -245,8 +271,12 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
         elapsed = time.perf_counter() - started
         examples += epoch_examples
         seconds += elapsed
-        logger.info("epoch %d: loss %.4f (nce %.4f, aux %.3g), %.0f examples/s", epoch + 1, *loss,
-                    epoch_examples / max(elapsed, 1e-9))
+        logger.info(
+            "epoch %d: loss %.4f (nce %.4f, aux %.3g), %.0f examples/s",
+            epoch + 1,
+            *loss,
+            epoch_examples / max(elapsed, 1e-9),
+        )
         epoch_var.assign(epoch + 1)
         batch_var.assign(0)
         manager.save(checkpoint_number=(epoch + 1) * batches.batches_per_epoch)
@@ -274,7 +304,9 @@ def item_embedding_matrix(model: NannModel, batch: int = 65536) -> np.ndarray:
     return out
 
 
-def export_artifacts(model: NannModel, dataset: Dataset, workdir: Path, config: TrainConfig, summary: dict) -> None:
+def export_artifacts(
+    model: NannModel, dataset: Dataset, workdir: Path, config: TrainConfig, summary: dict
+) -> None:
     """Writes ``model/`` and ``embeddings/`` atomically, each with provenance."""
     dataset_sha = artifacts.digest(dataset.meta)
     params = {**dataclasses.asdict(config), "model": dataclasses.asdict(model.config)}

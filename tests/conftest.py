@@ -10,7 +10,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real sample data not found at {path} (it sits in ../shared/data on developer machines and CI)")
+        pytest.skip(
+            f"real sample data not found at {path} (it sits in ../shared/data on developer machines and CI)"
+        )
     return path
 
 

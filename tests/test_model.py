@@ -13,7 +13,9 @@ NUM_ITEMS, NUM_CATEGORIES = 300, 7
 def make_model(arch: str, seed: int = 0):
     tf.keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
-    return build_model(ModelConfig(NUM_ITEMS, NUM_CATEGORIES, arch=arch), rng.integers(0, NUM_CATEGORIES, NUM_ITEMS))
+    return build_model(
+        ModelConfig(NUM_ITEMS, NUM_CATEGORIES, arch=arch), rng.integers(0, NUM_CATEGORIES, NUM_ITEMS)
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -43,7 +45,9 @@ def test_factored_scoring_matches_per_user_scoring(arch):
     history[1, 6:] = PAD
     items = rng.integers(0, NUM_ITEMS, (4, 25)).astype(np.int32)
     together = model.score_items(history, items).numpy()
-    alone = np.concatenate([model.score_items(history[i : i + 1], items[i : i + 1]).numpy() for i in range(4)])
+    alone = np.concatenate(
+        [model.score_items(history[i : i + 1], items[i : i + 1]).numpy() for i in range(4)]
+    )
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -117,5 +121,6 @@ def test_saved_model_files_reload_to_identical_scores(arch, tmp_path):
     items = np.tile(np.arange(NUM_ITEMS, dtype=np.int32), (2, 1))
     save_model_files(model, tmp_path)
     reloaded = load_model_files(tmp_path)
-    np.testing.assert_array_equal(reloaded.score_items(history, items).numpy(),
-                                  model.score_items(history, items).numpy())
+    np.testing.assert_array_equal(
+        reloaded.score_items(history, items).numpy(), model.score_items(history, items).numpy()
+    )

@@ -1,0 +1,198 @@
+"""Training, checkpoints, exhaustive evaluation and the command line, on a tiny synthetic corpus."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model_export import cli, data
+from model_export.errors import ArtifactError, InputError
+from model_export.evaluate import EvalConfig, ExhaustiveSearcher, evaluate, load_workdir, recall_at_k
+from model_export.model import build_model, load_model_files
+from model_export.synthetic import synthesize
+from model_export.train import TrainConfig, train
+
+TINY = TrainConfig(arch="din", epochs=2, batch_size=64, negatives=49, checkpoint_every=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "interactions.csv"
+    synthesize(300, 300, path, seed=1, mean_length=25, show_progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tiny_csv, tmp_path_factory) -> data.Dataset:
+    directory = tmp_path_factory.mktemp("prepared") / "dataset"
+    data.save_dataset(data.load_dataset_from_file(tiny_csv), directory)
+    return data.load_dataset(directory)
+
+
+def _workdir_with_dataset(tmp_path: Path, dataset: data.Dataset) -> Path:
+    data.save_dataset(dataset, tmp_path / "dataset")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory) -> Path:
+    workdir = _workdir_with_dataset(tmp_path_factory.mktemp("work"), tiny_dataset)
+    train(data.load_dataset(workdir / "dataset"), workdir, TINY)
+    return workdir
+
+
+def test_training_writes_versioned_artifacts_with_provenance(trained, tiny_dataset):
+    for kind in ("model", "embeddings"):
+        meta = json.loads((trained / kind / "meta.json").read_text())
+        assert meta["kind"] == kind
+        assert meta["packages"]["tensorflow"] == tf.__version__
+        assert all(len(f["sha256"]) == 64 for f in meta["files"].values())
+    model_meta = json.loads((trained / "model" / "meta.json").read_text())
+    assert model_meta["params"]["arch"] == "din" and model_meta["params"]["fgsm_eps"] == TINY.fgsm_eps
+    assert model_meta["training"]["examples_per_second"] > 0
+    item_e = np.load(trained / "embeddings" / "item_embeddings.npy")
+    assert item_e.shape == (tiny_dataset.num_items, 64) and np.isfinite(item_e).all()
+    np.testing.assert_array_equal(np.load(trained / "embeddings" / "item_ids.npy"), tiny_dataset.item_ids)
+    assert any((trained / "logs").iterdir()), "no TensorBoard event file"
+
+
+def test_checkpoint_reloads_to_identical_scores(trained, tiny_dataset):
+    exported = load_model_files(trained / "model")
+    fresh = build_model(exported.config, tiny_dataset.item_category)
+    ckpt = tf.train.Checkpoint(model=fresh)
+    ckpt.restore(tf.train.latest_checkpoint(str(trained / "train" / "checkpoints"))).expect_partial()
+    _, histories, _ = tiny_dataset.eval_examples("test", TINY.max_len)
+    items = np.tile(np.arange(tiny_dataset.num_items, dtype=np.int32), (len(histories), 1))
+    np.testing.assert_array_equal(
+        fresh.score_items(histories, items).numpy(), exported.score_items(histories, items).numpy()
+    )
+
+
+def test_resumed_training_matches_uninterrupted_training(tiny_dataset, tmp_path, caplog):
+    one_epoch = TrainConfig(**{**TINY.__dict__, "epochs": 1})
+    straight = _workdir_with_dataset(tmp_path / "straight", tiny_dataset)
+    train(tiny_dataset, straight, TINY)
+    resumed = _workdir_with_dataset(tmp_path / "resumed", tiny_dataset)
+    train(tiny_dataset, resumed, one_epoch)
+    with caplog.at_level(logging.INFO, logger="model_export.train"):
+        train(tiny_dataset, resumed, TINY)
+    assert "resumed from" in caplog.text
+    a = np.load(straight / "embeddings" / "item_embeddings.npy")
+    b = np.load(resumed / "embeddings" / "item_embeddings.npy")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_other_parameters_do_not_resume_silently(trained, tiny_dataset):
+    with pytest.raises(ArtifactError, match="other parameters.*arch: 'din' -> 'dnn'"):
+        train(tiny_dataset, trained, TrainConfig(**{**TINY.__dict__, "arch": "dnn"}))
+
+
+@pytest.mark.parametrize("user_batch,item_chunk", [(1, 7), (5, 64), (16, 4096)])
+def test_exhaustive_search_equals_brute_force(trained, user_batch, item_chunk):
+    dataset, model, item_e = load_workdir(trained)
+    _, histories, _ = dataset.eval_examples("test", TINY.max_len)
+    k = 20
+    ids, scores = ExhaustiveSearcher(model, item_e, user_batch, item_chunk).search(
+        histories, k, progress=False
+    )
+    items = np.tile(np.arange(dataset.num_items, dtype=np.int32), (len(histories), 1))
+    brute = model.score_items(histories, items).numpy()
+    expected = np.argsort(-brute, axis=1, kind="stable")[:, :k]
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, expected, 1), rtol=1e-5, atol=1e-5)
+    # Same sets; order may differ only between equal scores.
+    assert all(set(a) == set(b) for a, b in zip(ids, expected, strict=True))
+
+
+def test_trained_model_beats_chance_and_untrained(trained):
+    """A model that learned nothing would score recall@k near k/N; training must clear it by far."""
+    dataset, model, item_e = load_workdir(trained)
+    _, histories, targets = dataset.eval_examples("valid", TINY.max_len)
+    k = 40
+    trained_recall = recall_at_k(
+        ExhaustiveSearcher(model, item_e).search(histories, k, False)[0], targets
+    ).mean()
+    chance = k / dataset.num_items
+    assert trained_recall > 2.5 * chance, (trained_recall, chance)
+
+
+def test_evaluate_rejects_k_outside_the_corpus(trained, tiny_dataset):
+    with pytest.raises(InputError, match=rf"k must be in 1..{tiny_dataset.num_items}"):
+        evaluate(trained, EvalConfig(k=tiny_dataset.num_items + 1), progress=False)
+
+
+def test_damaged_weights_fail_loudly(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "work"
+    shutil.copytree(trained, copy)
+    weights = copy / "model" / "model.weights.h5"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="model.weights.h5 does not match its recorded sha256"):
+        load_workdir(copy)
+
+
+# -- command line -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["synthesize"], ["train"], ["evaluate"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: python -m model_export" in capsys.readouterr().out
+
+
+def test_cli_train_then_evaluate_json(tiny_csv, tmp_path, capsys):
+    workdir = tmp_path / "work"
+    assert (
+        cli.main(
+            [
+                "train",
+                "--interactions",
+                str(tiny_csv),
+                "--workdir",
+                str(workdir),
+                "--arch",
+                "two_sided",
+                "--epochs",
+                "1",
+                "--negatives",
+                "19",
+                "--batch-size",
+                "64",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--k", "50", "--users", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["users"] == 5 and result["k"] == 50 and result["mode"] == "exhaustive"
+    assert result["items"] == len(np.load(workdir / "embeddings" / "item_ids.npy"))
+    assert 0.0 <= result["recall_all"] <= 1.0
+    assert (workdir / "eval" / "exhaustive-test-k50-users5" / "meta.json").is_file()
+
+
+def test_cli_bad_input_is_one_clear_line_and_leaves_no_workdir(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3,pv,1511544070\n1,2,3,look,1511544071\n")
+    workdir = tmp_path / "work"
+    assert cli.main(["train", "--interactions", str(bad), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}:2: unknown behavior_type 'look'" in err and "--skip-bad-rows" in err
+    assert not workdir.exists()
+
+
+def test_cli_rejects_bad_training_flags(tiny_csv, tmp_path, capsys):
+    assert (
+        cli.main(
+            ["train", "--interactions", str(tiny_csv), "--workdir", str(tmp_path / "w"), "--fgsm-eps", "-1"]
+        )
+        == 2
+    )
+    assert "--fgsm-eps must be >= 0" in capsys.readouterr().err
