@@ -182,7 +182,7 @@ def _prepare_dataset(args):
     if directory.exists() and not args.restart:
         meta = artifacts.read_meta(directory, "dataset", verify=False)
         same_params = all(meta["params"].get(k) == v for k, v in params.items())
-        if same_params and meta["inputs"].get("sha256") == artifacts.sha256_file(_interactions_file(args)):
+        if same_params and _same_inputs(args, meta["inputs"]):
             logger.info("reusing the prepared dataset in %s", directory)
             return data.load_dataset(directory)
         raise NannError(
@@ -200,9 +200,16 @@ def _prepare_dataset(args):
     return data.load_dataset(directory)
 
 
-def _interactions_file(args) -> Path:
+def _same_inputs(args, recorded: dict) -> bool:
+    """True if the interactions named by the flags have the checksums recorded in a dataset's meta."""
+    from model_export.artifacts import sha256_file
+
     path = Path(args.interactions)
-    return path / "ratings.csv" if path.is_dir() else path
+    ratings = path / "ratings.csv" if path.is_dir() else path
+    current = {"sha256": ratings}
+    if args.format == "movielens":
+        current["movies_sha256"] = ratings.parent / "movies.csv"
+    return all(p.is_file() and sha256_file(p) == recorded.get(key) for key, p in current.items())
 
 
 def _train(args) -> int:

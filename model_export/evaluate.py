@@ -9,6 +9,7 @@ keeping a running top-M per user, so memory stays bounded at any corpus size
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -157,8 +158,6 @@ def evaluate(workdir: str | Path, config: EvalConfig, progress: bool = True) -> 
     }
     name = f"{config.mode}-{config.split}-k{config.k}-users{result['users']}"
     with artifacts.atomic_dir(Path(workdir) / "eval" / name) as tmp:
-        import json
-
         (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         artifacts.write_meta(
             tmp,

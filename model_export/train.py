@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class BatchMaker:
         self.positions = dataset.train_positions()
         self.cdf = np.cumsum(noise)
         self.cdf[-1] = 1.0
+        self.epoch = 0
         self.order = self.positions
 
     @property
@@ -190,8 +192,6 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
     identity = {**config.run_identity(), "dataset_digest": artifacts.digest(dataset.meta)}
     _check_run_identity(train_dir, identity, restart)
     if restart and train_dir.exists():
-        import shutil
-
         shutil.rmtree(train_dir)
     train_dir.mkdir(parents=True, exist_ok=True)
     (train_dir / "run.json").write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")

@@ -196,3 +196,30 @@ def test_cli_rejects_bad_training_flags(tiny_csv, tmp_path, capsys):
         == 2
     )
     assert "--fgsm-eps must be >= 0" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_changed_input_for_a_prepared_workdir(tiny_csv, tmp_path, capsys):
+    csv = tmp_path / "interactions.csv"
+    csv.write_bytes(tiny_csv.read_bytes())
+    args = [
+        "train",
+        "--interactions",
+        str(csv),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--arch",
+        "two_sided",
+        "--epochs",
+        "1",
+        "--negatives",
+        "9",
+        "--batch-size",
+        "256",
+    ]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0  # same input and parameters: the dataset is reused, training resumes
+    with csv.open("a") as f:
+        f.write("999999,1,1,pv,1511544070\n")
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert "was prepared from another input or with other parameters" in capsys.readouterr().err
