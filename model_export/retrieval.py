@@ -1,0 +1,307 @@
+"""Graph search with the neural scorer, in stock TensorFlow ops (no custom kernels).
+
+Two searches over an extracted HNSW graph, batched over users:
+
+* :func:`beam_retrieval`: NANN's Beam-retrieval (DESIGN.md section 2,
+  Algorithms 1 + 2). The start layer is scored exhaustively and its top ef
+  seed the walk; each lower layer runs a bounded for-loop of T rounds that
+  expands the newest beam members, scores their unvisited neighbours and keeps
+  the best ef, stopping early when no new candidate enters the beam.
+* :func:`hnsw_retrieval`: the original HNSW search (the SL2G baseline): from
+  the graph's entry point, greedy search (ef = 1) on the upper layers, then the
+  best-first while-loop with ef_0 on layer 0.
+
+Visited marking is a dense [B, N] mask (the "bitmap"); ``marking="sets"``
+uses TensorFlow's raw set ops instead, kept for the Table 1 comparison.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+MARKINGS = ("bitmap", "sets")
+
+
+class GraphTensors(tf.Module):
+    """An HNSW graph as variables: per layer the node labels and neighbour lists.
+
+    Args:
+      nodes: per layer l, int32 ascending labels present in layer l (layer 0: all items).
+      neighbors: per layer l, int32 [len(nodes[l]), max_degree_l] neighbour labels, -1 padded.
+      entry_point: label of HNSW's entry point (on the top layer).
+    """
+
+    def __init__(self, nodes: list[np.ndarray], neighbors: list[np.ndarray], entry_point: int, name=None):
+        super().__init__(name=name)
+        num_items = len(nodes[0])
+        if not np.array_equal(nodes[0], np.arange(num_items)):
+            raise ValueError("layer 0 must hold every item, labels 0..N-1 in order")
+        self.num_items = num_items
+        self.num_layers = len(nodes)
+        self.layer_sizes = [len(n) for n in nodes]
+        self.nodes = [
+            tf.Variable(np.asarray(n, np.int32), trainable=False, name=f"nodes_{i}")
+            for i, n in enumerate(nodes)
+        ]
+        self.neighbors = [
+            tf.Variable(np.asarray(nb, np.int32), trainable=False, name=f"neighbors_{i}")
+            for i, nb in enumerate(neighbors)
+        ]
+        # Row of each label in an upper layer's neighbour table (-1 where absent).
+        positions = []
+        for i, n in enumerate(nodes[1:], start=1):
+            pos = np.full(num_items, -1, np.int32)
+            pos[np.asarray(n)] = np.arange(len(n), dtype=np.int32)
+            positions.append(tf.Variable(pos, trainable=False, name=f"positions_{i}"))
+        self.positions = positions
+        self.entry_point = tf.Variable(np.int32(entry_point), trainable=False, name="entry_point")
+
+    def neighbors_of(self, layer: int, ids):
+        """Neighbour labels of ids [B, c] (-1 = none) on ``layer`` -> [B, c * degree], -1 padded."""
+        valid = ids >= 0
+        rows = tf.maximum(ids, 0)
+        if layer > 0:
+            rows = tf.gather(self.positions[layer - 1], rows)
+            valid &= rows >= 0
+            rows = tf.maximum(rows, 0)
+        nb = tf.gather(self.neighbors[layer], rows)
+        nb = tf.where(valid[..., None], nb, -1)
+        return tf.reshape(nb, [tf.shape(ids)[0], -1])
+
+
+def default_start_layer(layer_sizes: list[int], ef: list[int], num_items: int) -> int:
+    """The highest layer holding at least max(ef of that layer, ~1/1000 of the corpus) nodes.
+
+    HNSW's layer l holds about N / M**l nodes, so with M = 32 the layer with
+    ~1/1000 of the corpus is layer 2 (N / 1024); the threshold uses N / 2000 so
+    that layer 2 qualifies at 1.3M items, as in the paper.
+    """
+    for layer in range(len(layer_sizes) - 1, 0, -1):
+        if layer_sizes[layer] >= max(ef[min(layer, len(ef) - 1)], num_items / 2000):
+            return layer
+    return 0
+
+
+def _compact(ids, sentinel):
+    """Sorts each row's ids, drops duplicates and -1, and trims to the longest row; -1 padded."""
+    x = tf.sort(tf.where(ids < 0, sentinel, ids), axis=1)
+    dup = tf.concat([tf.zeros_like(x[:, :1], tf.bool), x[:, 1:] == x[:, :-1]], axis=1)
+    x = tf.sort(tf.where(dup, sentinel, x), axis=1)
+    width = tf.reduce_max(tf.reduce_sum(tf.cast(x < sentinel, tf.int32), axis=1))
+    x = x[:, :width]
+    return tf.where(x == sentinel, -1, x)
+
+
+class _Bitmap:
+    """Visited marking with a dense [B, N] bool mask."""
+
+    def __init__(self, batch, num_items):
+        self.num_items = num_items
+        self.batch = batch
+
+    def init(self, ids):
+        mask = tf.zeros([self.batch, self.num_items], tf.bool)
+        return self.mark(mask, ids)
+
+    def unvisited(self, visited, ids):
+        seen = tf.gather(visited, tf.maximum(ids, 0), batch_dims=1)
+        return tf.where((ids >= 0) & ~seen, ids, -1)
+
+    def mark(self, visited, ids):
+        idx = tf.where(ids >= 0)
+        labels = tf.gather_nd(ids, idx)
+        updates = tf.stack([idx[:, 0], tf.cast(labels, tf.int64)], axis=1)
+        return tf.tensor_scatter_nd_update(visited, updates, tf.ones_like(labels, tf.bool))
+
+    def shape(self):
+        return tf.TensorShape([None, None])
+
+
+class _Sets:
+    """Visited marking with raw set ops: a [B, V] id list and tf.sets.difference."""
+
+    def __init__(self, batch, num_items):
+        self.num_items = num_items
+
+    def init(self, ids):
+        return _compact(ids, self.num_items)
+
+    def unvisited(self, visited, ids):
+        new = tf.sets.difference(ids, visited)
+        return tf.sparse.to_dense(new, default_value=-1)
+
+    def mark(self, visited, ids):
+        return _compact(tf.concat([visited, ids], axis=1), self.num_items)
+
+    def shape(self):
+        return tf.TensorShape([None, None])
+
+
+def _marker(marking, batch, num_items):
+    if marking == "bitmap":
+        return _Bitmap(batch, num_items)
+    if marking == "sets":
+        return _Sets(batch, num_items)
+    raise ValueError(f"marking must be one of {MARKINGS}, got {marking!r}")
+
+
+def _score_ids(score_fn, item_e, ids):
+    """Scores of ids [B, m] (-1 = none -> -inf)."""
+    s = score_fn(tf.gather(item_e, tf.maximum(ids, 0)))
+    return tf.where(ids >= 0, s, tf.constant(-np.inf, s.dtype))
+
+
+def _fit_width(ids, scores, width):
+    """Keeps the best ``width`` entries of each row, padding with (-1, -inf) if fewer."""
+    have = tf.shape(ids)[1]
+    pad = tf.maximum(width - have, 0)
+    ids = tf.pad(ids, [[0, 0], [0, pad]], constant_values=-1)
+    scores = tf.pad(scores, [[0, 0], [0, pad]], constant_values=-np.inf)
+    top_s, top = tf.math.top_k(scores, k=width)
+    return tf.gather(ids, top, batch_dims=1), top_s
+
+
+def search_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef, steps, marking="bitmap"):
+    """Algorithm 2: a bounded beam search on one layer.
+
+    Args:
+      graph: :class:`GraphTensors`.
+      layer: python int, the layer searched.
+      score_fn: candidates e_v [B, m, D] -> scores [B, m].
+      item_e: [N, D] e_v of every item.
+      ep_ids, ep_scores: [B, w] entry points and their scores (-1 / -inf padded).
+      ef: beam width kept on this layer (scalar tensor or int).
+      steps: T, the most rounds of neighbourhood expansion (scalar).
+    Returns:
+      (ids [B, ef], scores [B, ef], items scored per user [B]).
+    """
+    batch = tf.shape(ep_ids)[0]
+    marker = _marker(marking, batch, graph.num_items)
+    w_ids, w_s = _fit_width(ep_ids, ep_scores, ef)
+    visited = marker.init(ep_ids)
+    cand = w_ids
+    scored = tf.zeros([batch], tf.int32)
+
+    def cond(t, w_ids, w_s, cand, visited, scored):
+        return (t < steps) & tf.reduce_any(cand >= 0)
+
+    def body(t, w_ids, w_s, cand, visited, scored):
+        nb = _compact(graph.neighbors_of(layer, cand), graph.num_items)
+        new = _compact(marker.unvisited(visited, nb), graph.num_items)
+        visited = marker.mark(visited, new)
+        s_new = _score_ids(score_fn, item_e, new)
+        scored += tf.reduce_sum(tf.cast(new >= 0, tf.int32), axis=1)
+        all_ids = tf.concat([w_ids, new], axis=1)
+        all_s = tf.concat([w_s, s_new], axis=1)
+        top_s, top = tf.math.top_k(all_s, k=ef)
+        w_ids = tf.gather(all_ids, top, batch_dims=1)
+        # C = W intersect N: the beam members that entered in this round.
+        cand = tf.where((top >= ef) & (w_ids >= 0), w_ids, -1)
+        return t + 1, w_ids, top_s, cand, visited, scored
+
+    _, w_ids, w_s, _, _, scored = tf.while_loop(
+        cond,
+        body,
+        [tf.constant(0), w_ids, w_s, cand, visited, scored],
+        shape_invariants=[
+            tf.TensorShape([]),
+            w_ids.shape,
+            w_s.shape,
+            cand.shape,
+            marker.shape(),
+            tf.TensorShape([None]),
+        ],
+    )
+    return w_ids, w_s, scored
+
+
+def beam_retrieval(graph, score_fn, item_e, batch, k, ef, steps, start_layer, marking="bitmap"):
+    """Algorithm 1 with the start layer scored exhaustively.
+
+    Args:
+      ef, steps: per layer from layer 0 upward (python lists or 1-D tensors of
+        length >= start_layer + 1); entry ``l`` is ef_l / T_l.
+      start_layer: python int.
+    Returns:
+      (ids [B, k] dense item ids, scores [B, k], items scored per user [B]).
+    """
+    nodes = graph.nodes[start_layer]
+    start_scores = score_fn(
+        tf.broadcast_to(tf.gather(item_e, nodes)[None], [batch, tf.shape(nodes)[0], tf.shape(item_e)[1]])
+    )
+    ids = tf.broadcast_to(nodes[None], tf.shape(start_scores))
+    ids, scores = _fit_width(ids, start_scores, ef[start_layer])
+    scored = tf.fill([batch], tf.shape(nodes)[0])
+    for layer in range(start_layer - 1, -1, -1):
+        ids, scores, n = search_layer(
+            graph, layer, score_fn, item_e, ids, scores, ef[layer], steps[layer], marking
+        )
+        scored += n
+    top_s, top = tf.math.top_k(scores, k=k)
+    return tf.gather(ids, top, batch_dims=1), top_s, scored
+
+
+def best_first_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef):
+    """HNSW's SEARCH-LAYER: best-first while-loop with a result set of size ef.
+
+    Each iteration expands, per user, the best not-yet-expanded member of the
+    result set, until that member scores below the worst of a full set (the
+    standard stop rule; candidates worse than the result set are never expanded).
+    Returns (ids [B, ef], scores [B, ef], items scored per user [B]).
+    """
+    batch = tf.shape(ep_ids)[0]
+    marker = _Bitmap(batch, graph.num_items)
+    w_ids, w_s = _fit_width(ep_ids, ep_scores, ef)
+    expanded = tf.zeros_like(w_ids, tf.bool)
+    visited = marker.init(ep_ids)
+    scored = tf.zeros([batch], tf.int32)
+
+    def pick(w_ids, w_s, expanded):
+        open_s = tf.where(expanded | (w_ids < 0), tf.constant(-np.inf, w_s.dtype), w_s)
+        best = tf.argmax(open_s, axis=1, output_type=tf.int32)
+        live = tf.reduce_max(open_s, axis=1) > -np.inf
+        return best, live
+
+    def cond(w_ids, w_s, expanded, visited, scored):
+        return tf.reduce_any(pick(w_ids, w_s, expanded)[1])
+
+    def body(w_ids, w_s, expanded, visited, scored):
+        best, live = pick(w_ids, w_s, expanded)
+        node = tf.where(live, tf.gather(w_ids, best, batch_dims=1), -1)
+        expanded = expanded | (tf.one_hot(best, ef, on_value=True, off_value=False) & live[:, None])
+        nb = marker.unvisited(visited, graph.neighbors_of(layer, node[:, None]))
+        nb = _compact(nb, graph.num_items)
+        visited = marker.mark(visited, nb)
+        s_new = _score_ids(score_fn, item_e, nb)
+        scored += tf.reduce_sum(tf.cast(nb >= 0, tf.int32), axis=1)
+        all_ids = tf.concat([w_ids, nb], axis=1)
+        all_s = tf.concat([w_s, s_new], axis=1)
+        all_x = tf.concat([expanded, tf.zeros_like(nb, tf.bool)], axis=1)
+        top_s, top = tf.math.top_k(all_s, k=ef)
+        w_ids = tf.gather(all_ids, top, batch_dims=1)
+        expanded = tf.gather(all_x, top, batch_dims=1)
+        # A full result set whose open members all score below its worst: nothing left to expand.
+        return w_ids, top_s, expanded, visited, scored
+
+    w_ids, w_s, _, _, scored = tf.while_loop(
+        cond,
+        body,
+        [w_ids, w_s, expanded, visited, scored],
+        shape_invariants=[w_ids.shape, w_s.shape, expanded.shape, marker.shape(), tf.TensorShape([None])],
+    )
+    return w_ids, w_s, scored
+
+
+def hnsw_retrieval(graph, score_fn, item_e, batch, k, ef0):
+    """The original HNSW search with the neural scorer (SL2G): ef = 1 above layer 0."""
+    ep = tf.fill([batch, 1], graph.entry_point)
+    ep_s = _score_ids(score_fn, item_e, ep)
+    scored = tf.ones([batch], tf.int32)
+    ids, scores = ep, ep_s
+    for layer in range(graph.num_layers - 1, 0, -1):
+        ids, scores, n = best_first_layer(graph, layer, score_fn, item_e, ids, scores, 1)
+        scored += n
+    ids, scores, n = best_first_layer(graph, 0, score_fn, item_e, ids, scores, ef0)
+    top_s, top = tf.math.top_k(scores, k=k)
+    return tf.gather(ids, top, batch_dims=1), top_s, scored + n

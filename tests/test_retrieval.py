@@ -1,0 +1,144 @@
+"""Beam-retrieval and HNSW-retrieval in TensorFlow against exhaustive scoring."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model_export import retrieval
+from model_export.model import PAD, ModelConfig, build_model
+
+NUM_ITEMS, DEGREE = 240, 6
+
+
+def knn_graph(points: np.ndarray, nodes: np.ndarray, degree: int) -> np.ndarray:
+    """Exact l2 k-nearest-neighbour lists (labels) among ``nodes``, plus a ring so the graph is connected."""
+    sub = points[nodes]
+    dist = ((sub[:, None, :] - sub[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    order = np.argsort(dist, axis=1)[:, : degree - 1]
+    ring = np.roll(np.arange(len(nodes)), -1)[:, None]
+    return nodes[np.concatenate([order, ring], axis=1)].astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tf.keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_model(ModelConfig(NUM_ITEMS, 5, arch="din"), rng.integers(0, 5, NUM_ITEMS))
+    item_e = model.item_embeddings(np.arange(NUM_ITEMS, dtype=np.int32)).numpy()
+    layer1 = np.sort(rng.choice(NUM_ITEMS, 30, replace=False)).astype(np.int32)
+    layer2 = np.sort(rng.choice(layer1, 6, replace=False)).astype(np.int32)
+    nodes = [np.arange(NUM_ITEMS, dtype=np.int32), layer1, layer2]
+    neighbors = [knn_graph(item_e, n, min(DEGREE, len(n) - 1)) for n in nodes]
+    neighbors[1] = np.pad(neighbors[1], [[0, 0], [0, 2]], constant_values=-1)  # -1 padded rows too
+    graph = retrieval.GraphTensors(nodes, neighbors, entry_point=int(layer2[0]))
+    history = rng.integers(0, NUM_ITEMS, (5, 12)).astype(np.int32)
+    history[2, 4:] = PAD
+    return model, tf.constant(item_e), graph, history
+
+
+def scorer(model, history):
+    hist_e, mask = model.behaviour_embeddings(history)
+    state = model.user_state(hist_e, mask)
+    return lambda cand: model.score(state, cand)
+
+
+def exhaustive(model, item_e, history, k):
+    scores = scorer(model, history)(tf.broadcast_to(item_e[None], [len(history), *item_e.shape])).numpy()
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("marking", retrieval.MARKINGS)
+@pytest.mark.parametrize("start_layer", [1, 2])
+def test_beam_with_ef_covering_the_corpus_equals_exhaustive(setup, marking, start_layer):
+    model, item_e, graph, history = setup
+    k = 20
+    ids, scores, scored = retrieval.beam_retrieval(
+        graph,
+        scorer(model, history),
+        item_e,
+        len(history),
+        k,
+        ef=[NUM_ITEMS] * 3,
+        steps=[NUM_ITEMS] * 3,
+        start_layer=start_layer,
+        marking=marking,
+    )
+    expected = exhaustive(model, item_e, history, k)
+    assert all(set(a) == set(b) for a, b in zip(ids.numpy(), expected, strict=True))
+    assert (scored.numpy() <= NUM_ITEMS + graph.layer_sizes[1] + graph.layer_sizes[2]).all()
+
+
+@pytest.mark.parametrize("marking", retrieval.MARKINGS)
+def test_beam_with_default_like_parameters_scores_a_fraction_and_finds_most(setup, marking):
+    model, item_e, graph, history = setup
+    k = 10
+    ids, _, scored = retrieval.beam_retrieval(
+        graph,
+        scorer(model, history),
+        item_e,
+        len(history),
+        k,
+        ef=[40, 20, 10],
+        steps=[3, 1, 1],
+        start_layer=2,
+        marking=marking,
+    )
+    expected = exhaustive(model, item_e, history, k)
+    coverage = np.mean([len(set(a) & set(b)) / k for a, b in zip(ids.numpy(), expected, strict=True)])
+    assert scored.numpy().max() < NUM_ITEMS
+    # On this tiny, well-connected graph the walk should find most of the exact top 10.
+    assert coverage >= 0.6, coverage
+
+
+def test_bitmap_and_set_marking_agree(setup):
+    model, item_e, graph, history = setup
+    out = [
+        retrieval.beam_retrieval(
+            graph,
+            scorer(model, history),
+            item_e,
+            len(history),
+            10,
+            ef=[40, 20, 10],
+            steps=[3, 1, 1],
+            start_layer=2,
+            marking=m,
+        )
+        for m in retrieval.MARKINGS
+    ]
+    np.testing.assert_array_equal(out[0][0].numpy(), out[1][0].numpy())
+    np.testing.assert_array_equal(out[0][2].numpy(), out[1][2].numpy())
+
+
+def test_a_batch_equals_users_one_by_one(setup):
+    model, item_e, graph, history = setup
+
+    def run(h):
+        return retrieval.beam_retrieval(
+            graph, scorer(model, h), item_e, len(h), 10, ef=[40, 20, 10], steps=[3, 1, 1], start_layer=2
+        )
+
+    batch = run(history)
+    for i in range(len(history)):
+        single = run(history[i : i + 1])
+        np.testing.assert_array_equal(single[0].numpy()[0], batch[0].numpy()[i])
+        assert single[2].numpy()[0] == batch[2].numpy()[i]
+
+
+def test_hnsw_with_ef_covering_the_corpus_equals_exhaustive(setup):
+    model, item_e, graph, history = setup
+    k = 20
+    ids, _, scored = retrieval.hnsw_retrieval(
+        graph, scorer(model, history), item_e, len(history), k, NUM_ITEMS
+    )
+    expected = exhaustive(model, item_e, history, k)
+    assert all(set(a) == set(b) for a, b in zip(ids.numpy(), expected, strict=True))
+
+
+def test_default_start_layer_follows_the_corpus_share():
+    # 1.3M items, M = 32: layer 2 holds ~1,270 nodes, about 1/1000 of the corpus.
+    assert retrieval.default_start_layer([1_300_000, 40_600, 1_270, 40], [400, 200, 100], 1_300_000) == 2
+    # Small corpora start lower: layer 1 needs at least ef_1 nodes.
+    assert retrieval.default_start_layer([5_000, 150, 5], [400, 200, 100], 5_000) == 0
+    assert retrieval.default_start_layer([20_000, 620, 20], [400, 200, 100], 20_000) == 1
