@@ -95,12 +95,12 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_meta(directory: str | os.PathLike, meta: dict) -> dict:
-    """Adds file checksums to ``meta`` and writes it as ``directory/meta.json``."""
+    """Adds the checksum of every file under ``directory`` to ``meta`` and writes ``directory/meta.json``."""
     directory = Path(directory)
     files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != META_FILE
+        p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p != directory / META_FILE
     }
     meta = {**meta, "files": files}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

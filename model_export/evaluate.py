@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from model_export import artifacts
+from model_export import artifacts, retrieval
 from model_export.data import Dataset, load_dataset
 from model_export.errors import ArtifactError, InputError
 from model_export.model import NannModel, load_model_files
@@ -48,9 +48,7 @@ class ExhaustiveSearcher:
         self.num_items = item_e.shape[0]
         self.user_batch = user_batch
         self.item_chunk = min(item_chunk, self.num_items)
-        pad = -self.num_items % self.item_chunk
-        self.item_e = tf.constant(np.concatenate([item_e, np.zeros((pad, item_e.shape[1]), np.float32)]))
-        self.num_chunks = (self.num_items + pad) // self.item_chunk
+        self.item_e = tf.constant(item_e)
 
     def is_exact(self) -> bool:
         return True
@@ -81,23 +79,10 @@ class ExhaustiveSearcher:
     def _search_batch(self, history, k):
         hist_e, mask = self.model.behaviour_embeddings(history)
         state = self.model.user_state(hist_e, mask)
-        batch = tf.shape(history)[0]
-        chunk = self.item_chunk
-        best_s = tf.fill([batch, k], tf.constant(-np.inf, tf.float32))
-        best_i = tf.zeros([batch, k], tf.int32)
-        for c in tf.range(self.num_chunks):
-            start = c * chunk
-            cand = tf.broadcast_to(
-                self.item_e[start : start + chunk][None], [batch, chunk, self.item_e.shape[1]]
-            )
-            s = self.model.score(state, cand)
-            item = start + tf.range(chunk)
-            s = tf.where(item[None, :] < self.num_items, s, -np.inf)
-            all_s = tf.concat([best_s, s], axis=1)
-            all_i = tf.concat([best_i, tf.tile(item[None], [batch, 1])], axis=1)
-            best_s, top = tf.math.top_k(all_s, k=k)
-            best_i = tf.gather(all_i, top, batch_dims=1)
-        return best_s, best_i
+        ids, scores, _ = retrieval.exhaustive_retrieval(
+            lambda c: self.model.score(state, c), self.item_e, tf.shape(history)[0], k, self.item_chunk
+        )
+        return scores, ids
 
 
 def recall_at_k(top_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -242,6 +242,30 @@ def beam_retrieval(graph, score_fn, item_e, batch, k, ef, steps, start_layer, ma
     return tf.gather(ids, top, batch_dims=1), top_s, scored
 
 
+def exhaustive_retrieval(score_fn, item_e, batch, k, chunk: int = 8192):
+    """Scores every item in chunks of ``chunk`` and keeps a running top k: the exact answer.
+
+    Returns (ids [B, k], scores [B, k], items scored per user [B]).
+    """
+    num_items = tf.shape(item_e)[0]
+    num_chunks = (num_items + chunk - 1) // chunk
+
+    def body(c, best_i, best_s):
+        start = c * chunk
+        e = item_e[start : start + chunk]
+        s = score_fn(tf.broadcast_to(e[None], [batch, tf.shape(e)[0], tf.shape(e)[1]]))
+        ids = tf.broadcast_to((start + tf.range(tf.shape(e)[0]))[None], tf.shape(s))
+        all_s = tf.concat([best_s, s], axis=1)
+        all_i = tf.concat([best_i, ids], axis=1)
+        best_s, top = tf.math.top_k(all_s, k=k)
+        return c + 1, tf.gather(all_i, top, batch_dims=1), best_s
+
+    best_i = tf.fill([batch, k], -1)
+    best_s = tf.fill([batch, k], tf.constant(-np.inf, item_e.dtype))
+    _, best_i, best_s = tf.while_loop(lambda c, *_: c < num_chunks, body, [tf.constant(0), best_i, best_s])
+    return best_i, best_s, tf.fill([batch], num_items)
+
+
 def best_first_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef):
     """HNSW's SEARCH-LAYER: best-first while-loop with a result set of size ef.
 

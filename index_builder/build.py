@@ -1,0 +1,238 @@
+"""Builds the HNSW graph over a workdir's item embeddings and writes the ``index/`` artifact.
+
+    embeddings/ (item_embeddings.npy, item_ids.npy, meta.json)
+        -> hnswlib, l2, labels = dense item ids 0..N-1
+        -> layers read from the pickle state (hnsw_state)
+        -> index/ (graph.npz, meta.json), replaced atomically
+
+Only files connect this stage to training: it never imports the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from index_builder.graph import KIND, Graph, save_graph
+from index_builder.hnsw_state import graph_from_state
+from model_export import artifacts
+from model_export.errors import ArtifactError
+
+logger = logging.getLogger("index_builder")
+
+SPACE = "l2"
+EMBEDDINGS_FILE = "item_embeddings.npy"
+ITEM_IDS_FILE = "item_ids.npy"
+MAX_M = 1024  # hnswlib stores a layer-0 degree (up to 2M) in 16 bits
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Build-time parameters of the graph (query-time ef / T live with the exporter).
+
+    Attributes:
+      m: links per node on upper layers; layer 0 allows 2 * m. The paper uses 32.
+      ef_construction: beam width while inserting; larger is slower and better linked.
+      threads: insertion threads; with more than one the graph is not reproducible.
+      seed: seed of hnswlib's level generator.
+    """
+
+    m: int = 32
+    ef_construction: int = 40
+    threads: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 2 <= self.m <= MAX_M:
+            raise ValueError(f"m must be in 2..{MAX_M}, got {self.m}")
+        if self.ef_construction < 1:
+            raise ValueError(f"ef_construction must be >= 1, got {self.ef_construction}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
+def load_embeddings(directory: str | Path) -> tuple[np.ndarray, dict]:
+    """Verifies the embeddings artifact and memory-maps e_v.
+
+    Returns:
+      (float32 [N, D] read-only memory map, the artifact's meta).
+
+    Raises:
+      ArtifactError: missing, damaged or malformed embeddings.
+    """
+    directory = Path(directory)
+    meta = artifacts.read_meta(directory, "embeddings")
+    try:
+        vectors = np.load(directory / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
+        item_ids = np.load(directory / ITEM_IDS_FILE, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{directory} holds unreadable embeddings ({e}); re-run train") from e
+    if vectors.ndim != 2 or vectors.dtype != np.float32 or len(vectors) == 0 or vectors.shape[1] == 0:
+        raise ArtifactError(
+            f"{directory / EMBEDDINGS_FILE} must be a non-empty float32 [N, D] array, "
+            f"got {vectors.dtype} {vectors.shape}; re-run train"
+        )
+    if item_ids.shape != (len(vectors),):
+        raise ArtifactError(
+            f"{directory}: {len(item_ids)} item ids for {len(vectors)} embeddings; re-run train"
+        )
+    dim = meta.get("params", {}).get("dim")
+    if dim is not None and dim != vectors.shape[1]:
+        raise ArtifactError(
+            f"{directory}: meta says dim {dim}, the array has {vectors.shape[1]}; re-run train"
+        )
+    if len(vectors) > np.iinfo(np.int32).max:
+        raise ArtifactError(f"{len(vectors)} items exceed the int32 labels of the graph format")
+    return vectors, meta
+
+
+def build_hnsw(vectors: np.ndarray, config: BuildConfig, batch: int | None = None):
+    """Inserts ``vectors`` (labels 0..N-1) into a new hnswlib index, logging progress.
+
+    Insertion goes in batches only to report progress and check finiteness as the
+    memory map is read; one thread gives the same graph as a single ``add_items``.
+
+    Returns:
+      The ``hnswlib.Index``.
+
+    Raises:
+      ArtifactError: an embedding is NaN or infinite.
+    """
+    import hnswlib
+
+    n, dim = vectors.shape
+    batch = batch or max(10_000, math.ceil(n / 50))
+    index = hnswlib.Index(space=SPACE, dim=dim)
+    index.init_index(
+        max_elements=n, M=config.m, ef_construction=config.ef_construction, random_seed=config.seed
+    )
+    index.set_num_threads(config.threads)
+    started = time.perf_counter()
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        chunk = np.ascontiguousarray(vectors[start:stop], np.float32)
+        if not np.isfinite(chunk).all():
+            row = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
+            raise ArtifactError(f"embedding of item {row} is not finite; the model diverged, re-run train")
+        index.add_items(chunk, np.arange(start, stop), num_threads=config.threads)
+        elapsed = time.perf_counter() - started
+        logger.info(
+            "inserted %d/%d items (%.0f%%) in %.0f s, %.0f items/s, about %.0f s left",
+            stop,
+            n,
+            100 * stop / n,
+            elapsed,
+            stop / elapsed,
+            elapsed * (n - stop) / stop,
+        )
+    return index
+
+
+def extract_graph(index) -> Graph:
+    """Reads every layer of ``index`` (labels, not internal ids) through its pickle state."""
+    # The state is a copy of hnswlib's memory (about 4 * (2M + 1) + 4 * dim + 8 bytes per
+    # item for layer 0); it is dropped on return, before the caller frees the index.
+    return graph_from_state(index.__getstate__()[0])
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def log_layers(stats: list[dict], m: int) -> None:
+    """Logs each layer's size and degree against its capacity (2M on layer 0, M above)."""
+    for s in stats:
+        capacity = 2 * m if s["layer"] == 0 else m
+        logger.info(
+            "layer %d: %d nodes, mean degree %.2f of %d allowed (%.0f%%), max %d, %d without in-links",
+            s["layer"],
+            s["nodes"],
+            s["mean_degree"],
+            capacity,
+            100 * s["mean_degree"] / capacity,
+            s["max_degree"],
+            s["no_in_links"],
+        )
+    if stats and stats[0]["mean_degree"] < 0.5 * 2 * m and stats[0]["nodes"] > 2 * m:
+        logger.info(
+            "layer 0 fills under half of its %d link slots: hnswlib's neighbour-selection heuristic "
+            "drops a link when a closer neighbour already covers its direction, which dense clusters "
+            "make common; each expansion of layer 0 offers that many fewer candidates",
+            2 * m,
+        )
+
+
+def build_index(workdir: str | Path, config: BuildConfig) -> dict:
+    """Builds ``workdir/index`` from ``workdir/embeddings``.
+
+    The graph is built and extracted in memory first; the directory is written
+    atomically afterwards, so a failure leaves any previous index untouched.
+
+    Returns:
+      The written ``meta.json`` content.
+
+    Raises:
+      ArtifactError: the embeddings are missing, damaged or not finite.
+    """
+    workdir = Path(workdir)
+    vectors, emb_meta = load_embeddings(workdir / "embeddings")
+    n, dim = vectors.shape
+    logger.info(
+        "building an HNSW graph over %d items of dim %d (M=%d, ef_construction=%d, %d threads, seed %d)",
+        n,
+        dim,
+        config.m,
+        config.ef_construction,
+        config.threads,
+        config.seed,
+    )
+    started = time.perf_counter()
+    index = build_hnsw(vectors, config)
+    build_seconds = time.perf_counter() - started
+    del vectors
+
+    started = time.perf_counter()
+    graph = extract_graph(index)
+    del index  # the state copy is gone already; free hnswlib's own memory before writing
+    gc.collect()
+    extract_seconds = time.perf_counter() - started
+    stats = graph.layer_stats()
+    logger.info("built in %.1f s, layers extracted in %.1f s", build_seconds, extract_seconds)
+    log_layers(stats, config.m)
+
+    params = {
+        "m": config.m,
+        "ef_construction": config.ef_construction,
+        "threads": config.threads,
+        "seed": config.seed,
+        "space": SPACE,
+        "dim": dim,
+    }
+    meta = artifacts.provenance(KIND, params, inputs={"embeddings_digest": artifacts.digest(emb_meta)})
+    meta.update(
+        {
+            "num_items": n,
+            "max_level": graph.max_level,
+            "entry_point": graph.entry_point,
+            "layers": stats,
+            "build_seconds": round(build_seconds, 2),
+            "extract_seconds": round(extract_seconds, 2),
+            "peak_rss_mib": peak_rss_mib(),
+            "reproducible": config.threads == 1,
+        }
+    )
+    with artifacts.atomic_dir(workdir / KIND) as tmp:
+        save_graph(graph, tmp)
+        meta = artifacts.write_meta(tmp, meta)
+    logger.info("wrote %s (peak RSS %.0f MiB)", workdir / KIND, meta["peak_rss_mib"])
+    return meta

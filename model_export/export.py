@@ -1,0 +1,276 @@
+"""Export ONE SavedModel that unifies e_v, the HNSW graph, the scorer and Beam-retrieval.
+
+``python -m model_export export --workdir DIR`` reads ``model/``,
+``embeddings/`` and ``index/`` and writes ``DIR/export/<version>/``, a
+SavedModel made of stock TensorFlow ops only, so the stock TensorFlow Serving
+binary can load it. Large tensors (e_v, the graph) are variables, not
+constants (the 2 GB proto limit).
+
+Signatures (dense and batch-major, as TF Serving's batching needs):
+
+* ``serving_default``: ``history`` int64 [B, L] original item ids of each
+  user's behaviours, -1 padded -> ``item_ids`` int64 [B, k] (original ids),
+  ``scores`` float32 [B, k], ``scored`` int32 [B] (items scored per user),
+  with the default retrieval parameters.
+* ``retrieve``: the same plus per-request parameters, one row per user (all
+  rows of a request must agree): ``k`` int32 [B], ``ef`` int32 [B, S+1] and
+  ``steps`` int32 [B, S+1] from the start layer S down to layer 0 (the paper's
+  {ef_2, ef_1, ef_0}), ``mode`` string [B] in beam | beam_sets | hnsw | exhaustive.
+
+Bad input fails with InvalidArgument and a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from model_export import artifacts, retrieval
+from model_export.errors import ArtifactError, InputError
+from model_export.model import NannModel, load_model_files
+
+logger = logging.getLogger(__name__)
+
+MODES = ("beam", "beam_sets", "hnsw", "exhaustive")
+DEFAULT_EF = (100, 200, 400)  # top-down from the start layer, as the paper's {ef_2, ef_1, ef_0}
+DEFAULT_STEPS = (1, 1, 3)
+DEFAULT_K = 200
+EXPORT_DIR = "export"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Query defaults baked into the SavedModel; every one can be overridden per request."""
+
+    start_layer: int | None = None  # None: retrieval.default_start_layer
+    k: int = DEFAULT_K
+    ef: tuple[int, ...] = DEFAULT_EF
+    steps: tuple[int, ...] = DEFAULT_STEPS
+
+
+def _params_for(start_layer: int, values: tuple[int, ...]) -> tuple[int, ...]:
+    """Fits a top-down parameter list to start_layer + 1 layers (repeating the top value upward)."""
+    need = start_layer + 1
+    values = tuple(values)
+    if len(values) >= need:
+        return values[len(values) - need :]
+    return (values[0],) * (need - len(values)) + values
+
+
+class RetrievalModule(tf.Module):
+    """The exported object: variables plus the serving functions."""
+
+    def __init__(self, model: NannModel, item_e: np.ndarray, item_ids: np.ndarray, graph, config: ExportConfig):
+        super().__init__(name="nann_retrieval")
+        if np.any(np.diff(item_ids) <= 0):
+            raise ArtifactError("item_ids must be strictly ascending (dense ids follow the original id order)")
+        # The Keras model is held outside tf.Module tracking (saving it as an object would
+        # also trace its own Keras call signature); its variables are tracked instead, which is
+        # all the serving functions capture.
+        object.__setattr__(self, "model", model)
+        self.model_variables = [v.value if hasattr(v, "value") else v for v in model.weights]
+        self.num_items = int(item_e.shape[0])
+        self.item_e = tf.Variable(item_e.astype(np.float32), trainable=False, name="item_embeddings")
+        self.item_ids = tf.Variable(np.asarray(item_ids, np.int64), trainable=False, name="item_ids")
+        self.graph = retrieval.GraphTensors(list(graph.nodes), list(graph.neighbors), graph.entry_point)
+        ef0 = config.ef[-1]
+        start = config.start_layer
+        if start is None:
+            start = retrieval.default_start_layer(self.graph.layer_sizes, tuple(reversed(config.ef)), self.num_items)
+        if not 0 <= start < self.graph.num_layers:
+            raise InputError(f"--start-layer must be in 0..{self.graph.num_layers - 1}, got {start}")
+        self.start_layer = start
+        self.default_k = config.k
+        self.default_ef = _params_for(start, config.ef)
+        self.default_steps = _params_for(start, config.steps)
+        if not 1 <= config.k <= min(ef0, self.num_items):
+            raise InputError(f"k must be in 1..min(ef_0, items) = 1..{min(ef0, self.num_items)}, got {config.k}")
+
+        depth = start + 1
+        self.serve_default = tf.function(
+            self._serve_default, input_signature=[tf.TensorSpec([None, None], tf.int64, name="history")]
+        )
+        self.retrieve = tf.function(
+            self._retrieve_signature,
+            input_signature=[
+                tf.TensorSpec([None, None], tf.int64, name="history"),
+                tf.TensorSpec([None], tf.int32, name="k"),
+                tf.TensorSpec([None, depth], tf.int32, name="ef"),
+                tf.TensorSpec([None, depth], tf.int32, name="steps"),
+                tf.TensorSpec([None], tf.string, name="mode"),
+            ],
+        )
+
+    # -- boundary checks ---------------------------------------------------------
+    def _dense_history(self, history):
+        """Original ids [B, L] (-1 padded) -> dense ids; unknown ids and empty rows are errors."""
+        pad = history < 0
+        pos = tf.searchsorted(self.item_ids, tf.reshape(tf.maximum(history, 0), [-1]), out_type=tf.int32)
+        pos = tf.reshape(tf.minimum(pos, self.num_items - 1), tf.shape(history))
+        found = tf.gather(self.item_ids, pos) == history
+        checks = [
+            tf.debugging.assert_greater(tf.shape(history)[0], 0, message="history must hold at least one user"),
+            tf.debugging.Assert(
+                tf.reduce_all(found | pad),
+                ["history holds item ids that are not in the corpus (pad with -1); unknown ids:",
+                 tf.boolean_mask(history, ~(found | pad))],
+                summarize=10,
+            ),
+            tf.debugging.Assert(
+                tf.reduce_all(tf.reduce_any(~pad, axis=1)),
+                ["every user needs at least one behaviour; rows of history that are all padding:",
+                 tf.where(~tf.reduce_any(~pad, axis=1))[:, 0]],
+                summarize=10,
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.where(pad, -1, pos)
+
+    def _check_params(self, k, ef, steps):
+        n = self.num_items
+        return [
+            tf.debugging.Assert((k >= 1) & (k <= n), [f"k must be in 1..{n} (the corpus size), got", k]),
+            tf.debugging.Assert(tf.reduce_all(ef >= 1), ["every ef must be >= 1, got", ef]),
+            tf.debugging.Assert(ef[-1] >= k, ["ef of layer 0 (the last ef) must be >= k; got ef", ef, "k", k]),
+            tf.debugging.Assert(tf.reduce_all(steps >= 1), ["every step count T must be >= 1, got", steps]),
+        ]
+
+    # -- serving -------------------------------------------------------------------
+    def _serve_default(self, history):
+        return self._run(history, tf.constant(self.default_k), tf.constant(self.default_ef),
+                         tf.constant(self.default_steps), tf.constant("beam"))
+
+    def _retrieve_signature(self, history, k, ef, steps, mode):
+        same = [
+            tf.debugging.Assert(
+                tf.reduce_all(k == k[0]) & tf.reduce_all(ef == ef[:1]) & tf.reduce_all(steps == steps[:1])
+                & tf.reduce_all(mode == mode[0]),
+                ["all rows of a request must share k, ef, steps and mode"],
+            ),
+            tf.debugging.assert_equal(tf.shape(k)[0], tf.shape(history)[0],
+                                      message="k, ef, steps and mode need one row per history row"),
+        ]
+        with tf.control_dependencies(same):
+            return self._run(history, k[0], ef[0], steps[0], mode[0])
+
+    def _run(self, history, k, ef, steps, mode):
+        dense = self._dense_history(history)
+        # Every use of the parameters waits for their checks, so a bad value fails with its
+        # message rather than deep inside the search.
+        with tf.control_dependencies(self._check_params(k, ef, steps)):
+            dense, k, ef, steps = (tf.identity(t) for t in (dense, k, ef, steps))
+        hist_e = tf.gather(self.item_e, tf.maximum(dense, 0))
+        state = self.model.user_state(hist_e, dense >= 0)
+
+        def score_fn(cand):
+            return self.model.score(state, cand)
+
+        batch = tf.shape(history)[0]
+        # Layer l's parameter is entry start_layer - l of the top-down vectors.
+        ef_by_layer = tf.reverse(ef, [0])
+        steps_by_layer = tf.reverse(steps, [0])
+        ef_list = [ef_by_layer[i] for i in range(self.start_layer + 1)]
+        steps_list = [steps_by_layer[i] for i in range(self.start_layer + 1)]
+
+        def beam(marking):
+            return lambda: retrieval.beam_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list,
+                                                    steps_list, self.start_layer, marking)
+
+        branches = [
+            (tf.equal(mode, "beam"), beam("bitmap")),
+            (tf.equal(mode, "beam_sets"), beam("sets")),
+            (tf.equal(mode, "hnsw"),
+             lambda: retrieval.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[0])),
+            (tf.equal(mode, "exhaustive"), lambda: retrieval.exhaustive_retrieval(score_fn, self.item_e, batch, k)),
+        ]
+        known = tf.reduce_any(tf.stack([c for c, _ in branches]))
+        with tf.control_dependencies([tf.debugging.Assert(known, ["mode must be one of", ", ".join(MODES),
+                                                                   "got", mode])]):
+            ids, scores, scored = tf.case(branches, exclusive=True)
+        return {
+            "item_ids": tf.gather(self.item_ids, tf.maximum(ids, 0)),
+            "scores": scores,
+            "scored": scored,
+        }
+
+
+def _next_version(export_root: Path) -> int:
+    versions = [int(p.name) for p in export_root.glob("*") if p.is_dir() and re.fullmatch(r"\d+", p.name)]
+    return max(versions, default=0) + 1
+
+
+def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
+    """Writes the next ``DIR/export/<version>/`` SavedModel and returns its path.
+
+    Raises:
+      ArtifactError: an input artifact is missing, damaged or from another run.
+      InputError: bad export parameters.
+    """
+    from index_builder.graph import load_graph
+
+    workdir = Path(workdir)
+    model_meta = artifacts.read_meta(workdir / "model", "model")
+    emb_meta = artifacts.read_meta(workdir / "embeddings", "embeddings")
+    if emb_meta["inputs"].get("model_weights_sha256") != model_meta["files"]["model.weights.h5"]["sha256"]:
+        raise ArtifactError(f"{workdir / 'embeddings'} was computed from another model; re-run train")
+    graph = load_graph(workdir / "index", embeddings_digest=artifacts.digest(emb_meta))
+    model = load_model_files(workdir / "model")
+    item_e = np.load(workdir / "embeddings" / "item_embeddings.npy")
+    item_ids = np.load(workdir / "embeddings" / "item_ids.npy")
+    module = RetrievalModule(model, item_e, item_ids, graph, config)
+
+    export_root = workdir / EXPORT_DIR
+    export_root.mkdir(parents=True, exist_ok=True)
+    version = _next_version(export_root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=export_root))
+    try:
+        tf.saved_model.save(
+            module,
+            str(tmp),
+            signatures={
+                "serving_default": module.serve_default.get_concrete_function(),
+                "retrieve": module.retrieve.get_concrete_function(),
+            },
+        )
+        params = {
+            **dataclasses.asdict(config),
+            "start_layer": module.start_layer,
+            "ef": list(module.default_ef),
+            "steps": list(module.default_steps),
+            "layer_sizes": module.graph.layer_sizes,
+        }
+        meta = artifacts.provenance(
+            "saved_model",
+            params,
+            inputs={
+                "model": artifacts.digest(model_meta),
+                "embeddings": artifacts.digest(emb_meta),
+                "index": artifacts.digest(graph.meta),
+            },
+        )
+        artifacts.write_meta(tmp, meta)
+        final = export_root / str(version)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %s (start layer %d, defaults k=%d ef=%s T=%s)", final, module.start_layer,
+                config.k, module.default_ef, module.default_steps)
+    return final
+
+
+def latest_export(workdir: str | Path) -> Path:
+    """The highest-numbered SavedModel version under ``DIR/export``."""
+    root = Path(workdir) / EXPORT_DIR
+    version = _next_version(root) - 1 if root.exists() else 0
+    if version == 0:
+        raise ArtifactError(f"{root} holds no SavedModel; run `python -m model_export export --workdir {workdir}`")
+    return root / str(version)

@@ -1,0 +1,371 @@
+"""Index builder: the extracted layers are exactly hnswlib's graph, and the artifact round-trips."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index_builder import build, cli, hnsw_state
+from index_builder.graph import GRAPH_FILE, Graph, load_graph
+from model_export import artifacts
+from model_export.errors import ArtifactError
+
+DIM = 16
+M = 8
+EF_CONSTRUCTION = 40
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_points(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def clustered_points(n: int, seed: int, clusters: int = 40) -> np.ndarray:
+    """Tight Gaussian clusters, the shape that makes hnswlib's heuristic drop links."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, DIM)) * 3
+    return (centres[rng.integers(0, clusters, n)] + 0.2 * rng.standard_normal((n, DIM))).astype(np.float32)
+
+
+def build_and_extract(vectors: np.ndarray, threads: int = 1, seed: int = 0):
+    config = build.BuildConfig(m=M, ef_construction=EF_CONSTRUCTION, threads=threads, seed=seed)
+    index = build.build_hnsw(vectors, config)
+    return index, build.extract_graph(index)
+
+
+def hnsw_search(graph: Graph, vectors: np.ndarray, query: np.ndarray, k: int, ef: int) -> np.ndarray:
+    """hnswlib's searchKnn re-done over the extracted arrays (no deletions, no filter).
+
+    Upper layers: greedy descent from the entry point, moving to any closer
+    neighbour while scanning the current node's list. Layer 0: searchBaseLayerST,
+    a candidate min-heap and a result max-heap of size max(ef, k), stopping when
+    the closest candidate is farther than the worst result.
+    """
+    vectors = vectors.astype(np.float64)
+    query = query.astype(np.float64)
+
+    def dist(labels):
+        return ((vectors[labels] - query) ** 2).sum(axis=-1)
+
+    current = graph.entry_point
+    current_dist = dist(current)
+    for layer in range(graph.max_level, 0, -1):
+        pos = graph.positions(layer)
+        changed = True
+        while changed:
+            changed = False
+            nbrs = graph.neighbors[layer][pos[current]]
+            nbrs = nbrs[nbrs >= 0]
+            for label, d in zip(nbrs, dist(nbrs), strict=True):
+                if d < current_dist:
+                    current, current_dist, changed = label, d, True
+
+    ef = max(ef, k)
+    visited = {current}
+    candidates = [(current_dist, current)]
+    results = [(-current_dist, current)]
+    while candidates:
+        d, node = candidates[0]
+        if d > -results[0][0]:
+            break
+        heapq.heappop(candidates)
+        nbrs = graph.neighbors[0][node]  # layer 0 rows are labels
+        nbrs = [v for v in nbrs[nbrs >= 0] if v not in visited]
+        visited.update(nbrs)
+        for label, dn in zip(nbrs, dist(np.array(nbrs, np.int64)), strict=True):
+            if len(results) < ef or -results[0][0] > dn:
+                heapq.heappush(candidates, (dn, label))
+                heapq.heappush(results, (-dn, label))
+                if len(results) > ef:
+                    heapq.heappop(results)
+    best = sorted((-negd, label) for negd, label in results)[:k]
+    return np.array([label for _, label in best])
+
+
+@pytest.fixture(scope="module", params=["random", "clustered"])
+def built(request):
+    make = random_points if request.param == "random" else clustered_points
+    vectors = make(3000, seed=1)
+    index, graph = build_and_extract(vectors)
+    return vectors, index, graph
+
+
+@pytest.mark.parametrize("ef", [10, 16, 50])
+def test_reference_search_on_extracted_graph_matches_hnswlib(built, ef):
+    vectors, index, graph = built
+    queries = vectors[:150] + 0.3 * np.random.default_rng(ef).standard_normal((150, DIM)).astype(np.float32)
+    queries = np.concatenate([queries, random_points(100, seed=ef)])
+    index.set_ef(ef)
+    expected, _ = index.knn_query(queries, k=10, num_threads=1)
+    got = np.stack([hnsw_search(graph, vectors, q, k=10, ef=ef) for q in queries])
+    np.testing.assert_array_equal(got, expected.astype(np.int64))
+
+
+def test_extracted_graph_invariants(built):
+    vectors, _, graph = built
+    n = len(vectors)
+    graph.validate()
+    assert graph.levels.dtype == np.int8 and graph.levels.shape == (n,)
+    assert graph.levels[graph.entry_point] == graph.max_level == graph.levels.max()
+    np.testing.assert_array_equal(graph.nodes[0], np.arange(n))
+    for layer, (nodes, nbrs) in enumerate(zip(graph.nodes, graph.neighbors, strict=True)):
+        capacity = 2 * M if layer == 0 else M
+        assert nodes.dtype == np.int32 and nbrs.dtype == np.int32
+        assert np.all(np.diff(nodes) > 0)
+        assert np.all(graph.levels[nodes] >= layer)
+        assert len(nodes) == np.sum(graph.levels >= layer)
+        if layer > 0:
+            assert np.isin(nodes, graph.nodes[layer - 1]).all()
+        assert nbrs.shape[1] == max(1, graph.degrees(layer).max()) <= capacity
+        if len(nodes) > 1:
+            assert graph.degrees(layer).min() >= 1, "a node with no link in a layer of several"
+        valid = nbrs >= 0
+        assert np.all(nbrs[valid] < n)
+        assert not np.any(nbrs == nodes[:, None]), "self loop"
+        assert np.all(graph.levels[nbrs[valid]] >= layer), "link to a node absent from the layer"
+        for row in nbrs[:200]:
+            links = row[row >= 0]
+            assert len(set(links.tolist())) == len(links), "duplicate link"
+    # hnswlib links a new node to its M nearest (after the heuristic) in both directions,
+    # so almost every node of layer 0 is reachable: nodes without in-links are rare.
+    assert graph.layer_stats()[0]["no_in_links"] <= 0.01 * n
+
+
+def test_layer0_links_are_near_neighbours(built):
+    """Each node's first layer-0 links lie among its true nearest neighbours far more often than chance."""
+    vectors, _, graph = built
+    sample = np.arange(0, len(vectors), 30)
+    d = ((vectors[sample, None, :] - vectors[None, :, :]) ** 2).sum(-1)
+    true_nn = np.argsort(d, axis=1)[:, 1 : 2 * M + 1]
+    hits = [
+        np.isin(graph.neighbors[0][i][graph.neighbors[0][i] >= 0], nn).mean()
+        for i, nn in zip(sample, true_nn, strict=True)
+    ]
+    assert np.mean(hits) > 0.5
+
+
+def test_labels_added_out_of_order_are_mapped_through_the_records():
+    """Internal ids follow insertion order; the extraction must translate them to labels.
+
+    The builder inserts labels in order (so ids usually coincide with labels, except
+    with several threads); inserting a permutation makes every id differ.
+    """
+    import hnswlib
+
+    vectors = random_points(2000, seed=3)
+    perm = np.random.default_rng(3).permutation(len(vectors))
+    index = hnswlib.Index(space="l2", dim=DIM)
+    index.init_index(max_elements=len(vectors), M=M, ef_construction=EF_CONSTRUCTION, random_seed=0)
+    index.add_items(vectors[perm], perm, num_threads=1)
+    graph = build.extract_graph(index)
+    graph.validate()
+    index.set_ef(20)
+    queries = random_points(80, seed=4)
+    expected, _ = index.knn_query(queries, k=10, num_threads=1)
+    got = np.stack([hnsw_search(graph, vectors, q, k=10, ef=20) for q in queries])
+    np.testing.assert_array_equal(got, expected.astype(np.int64))
+
+
+def test_multithreaded_build_is_a_valid_graph():
+    vectors = random_points(2000, seed=5)
+    index, graph = build_and_extract(vectors, threads=2)
+    graph.validate()
+    index.set_ef(20)
+    queries = random_points(40, seed=6)
+    expected, _ = index.knn_query(queries, k=10, num_threads=1)
+    got = np.stack([hnsw_search(graph, vectors, q, k=10, ef=20) for q in queries])
+    np.testing.assert_array_equal(got, expected.astype(np.int64))
+
+
+@pytest.mark.parametrize("n", [1, 2, 17])
+def test_tiny_corpora(n):
+    vectors = random_points(n, seed=n)
+    index, graph = build_and_extract(vectors)
+    graph.validate()
+    assert graph.num_items == n
+    index.set_ef(10)
+    k = min(n, 3)
+    expected, _ = index.knn_query(vectors[:1], k=k)
+    np.testing.assert_array_equal(hnsw_search(graph, vectors, vectors[0], k=k, ef=10), expected[0])
+
+
+def test_unknown_state_layout_is_refused():
+    index, _ = build_and_extract(random_points(50, seed=0))
+    state = index.__getstate__()[0]
+    with pytest.raises(hnsw_state.IndexStateError, match="version"):
+        hnsw_state.graph_from_state({**state, "ser_version": 2})
+    with pytest.raises(hnsw_state.IndexStateError, match="label"):
+        labels = state["label_lookup_external"].copy()
+        labels[[0, 1]] = labels[[1, 0]]
+        hnsw_state.graph_from_state({**state, "label_lookup_external": labels})
+
+
+# --- the command line and the artifact -------------------------------------------------
+
+
+def write_embeddings(workdir, vectors: np.ndarray) -> dict:
+    with artifacts.atomic_dir(workdir / "embeddings") as tmp:
+        np.save(tmp / build.EMBEDDINGS_FILE, vectors)
+        np.save(tmp / build.ITEM_IDS_FILE, np.arange(len(vectors), dtype=np.int64) * 7 + 100)
+        meta = artifacts.provenance("embeddings", {"dim": vectors.shape[1], "num_items": len(vectors)})
+        return artifacts.write_meta(tmp, meta)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    emb_meta = write_embeddings(tmp_path, clustered_points(600, seed=7))
+    return tmp_path, emb_meta
+
+
+def run_cli(*args) -> int:
+    return cli.main([*args, "--threads", "1"] if "--threads" not in args else list(args))
+
+
+def test_cli_round_trip(workdir, caplog):
+    caplog.set_level(logging.INFO, logger="index_builder")
+    path, emb_meta = workdir
+    assert run_cli("--workdir", str(path), "--m", str(M), "--seed", "3") == 0
+    graph = load_graph(path / "index", embeddings_digest=artifacts.digest(emb_meta))
+    assert graph.num_items == 600 and len(graph.nodes) == graph.max_level + 1
+    meta = json.loads((path / "index" / "meta.json").read_text())
+    assert meta["kind"] == "index"
+    assert meta["params"] == {
+        "m": M,
+        "ef_construction": 40,
+        "threads": 1,
+        "seed": 3,
+        "space": "l2",
+        "dim": DIM,
+    }
+    assert meta["inputs"] == {"embeddings_digest": artifacts.digest(emb_meta)}
+    assert [s["nodes"] for s in meta["layers"]] == [len(nodes) for nodes in graph.nodes]
+    assert meta["layers"][0]["mean_degree"] > 0 and meta["peak_rss_mib"] > 0
+    assert {"build_seconds", "extract_seconds", "num_items", "max_level", "entry_point"} <= meta.keys()
+    # One thread and a seed make the build reproducible: a rebuild gives the same graph file.
+    first = meta["files"][GRAPH_FILE]["sha256"]
+    assert run_cli("--workdir", str(path), "--m", str(M), "--seed", "3") == 0
+    assert load_graph(path / "index").meta["files"][GRAPH_FILE]["sha256"] == first
+    assert "layer 0: 600 nodes, mean degree" in caplog.text
+
+
+def test_damaged_graph_is_refused(workdir):
+    path, emb_meta = workdir
+    assert run_cli("--workdir", str(path), "--m", str(M)) == 0
+    graph_file = path / "index" / GRAPH_FILE
+    data = bytearray(graph_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph_file.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_graph(path / "index")
+
+
+def test_graph_of_other_embeddings_is_refused(workdir):
+    path, _ = workdir
+    assert run_cli("--workdir", str(path), "--m", str(M)) == 0
+    with pytest.raises(ArtifactError, match="other embeddings"):
+        load_graph(path / "index", embeddings_digest="0" * 64)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--m", "1"], "argument --m: must be in 2..1024, got 1"),
+        (["--ef-construction", "0"], "argument --ef-construction: must be >= 1, got 0"),
+        (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+        (["--m", "many"], "argument --m: expected an integer, got 'many'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(workdir, capsys, flags, message):
+    path, _ = workdir
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--workdir", str(path), *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (path / "index").exists()
+
+
+def test_missing_embeddings_exit_2(tmp_path, capsys):
+    assert run_cli("--workdir", str(tmp_path / "nowhere")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "no embeddings artifact" in err[-1]
+
+
+def test_damaged_embeddings_exit_2(workdir, capsys):
+    path, _ = workdir
+    emb = path / "embeddings" / build.EMBEDDINGS_FILE
+    data = bytearray(emb.read_bytes())
+    data[-1] ^= 0x01
+    emb.write_bytes(bytes(data))
+    assert run_cli("--workdir", str(path)) == 2
+    assert "damaged" in capsys.readouterr().err
+    assert not (path / "index").exists()
+
+
+def test_non_finite_embeddings_exit_2_and_write_nothing(tmp_path, capsys):
+    vectors = random_points(100, seed=0)
+    vectors[42, 3] = np.nan
+    write_embeddings(tmp_path, vectors)
+    assert run_cli("--workdir", str(tmp_path)) == 2
+    assert "item 42 is not finite" in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()
+
+
+def test_failure_while_writing_leaves_previous_index(workdir, monkeypatch):
+    path, _ = workdir
+    assert run_cli("--workdir", str(path), "--m", str(M)) == 0
+    before = (path / "index" / "meta.json").read_text()
+
+    def fail(graph, directory):
+        (directory / GRAPH_FILE).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build, "save_graph", fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_cli("--workdir", str(path), "--m", str(M * 2))
+    assert (path / "index" / "meta.json").read_text() == before
+    assert sorted(p.name for p in path.iterdir()) == ["embeddings", "index"]
+
+
+def test_failing_first_build_leaves_no_index(workdir, monkeypatch):
+    path, _ = workdir
+
+    def fail(index):
+        raise MemoryError("out of memory while extracting")
+
+    monkeypatch.setattr(build, "extract_graph", fail)
+    with pytest.raises(MemoryError):
+        run_cli("--workdir", str(path))
+    assert sorted(p.name for p in path.iterdir()) == ["embeddings"]
+
+
+def test_help_describes_the_stage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--ef-construction" in out and "embeddings/" in out and "index/" in out
+
+
+def test_module_entry_point_runs_without_tensorflow(workdir):
+    """Stages meet through files: the builder must run where TensorFlow is never imported."""
+    path, _ = workdir
+    code = (
+        "import sys, runpy; sys.argv = ['index_builder', '--workdir', sys.argv[1], '--threads', '1'];"
+        "rc = 0\n"
+        "try: runpy.run_module('index_builder', run_name='__main__')\n"
+        "except SystemExit as e: rc = e.code\n"
+        "assert 'tensorflow' not in sys.modules, 'index_builder imported tensorflow'\n"
+        "sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stderr
+    load_graph(path / "index")
