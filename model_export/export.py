@@ -68,10 +68,14 @@ def _params_for(start_layer: int, values: tuple[int, ...]) -> tuple[int, ...]:
 class RetrievalModule(tf.Module):
     """The exported object: variables plus the serving functions."""
 
-    def __init__(self, model: NannModel, item_e: np.ndarray, item_ids: np.ndarray, graph, config: ExportConfig):
+    def __init__(
+        self, model: NannModel, item_e: np.ndarray, item_ids: np.ndarray, graph, config: ExportConfig
+    ):
         super().__init__(name="nann_retrieval")
         if np.any(np.diff(item_ids) <= 0):
-            raise ArtifactError("item_ids must be strictly ascending (dense ids follow the original id order)")
+            raise ArtifactError(
+                "item_ids must be strictly ascending (dense ids follow the original id order)"
+            )
         # The Keras model is held outside tf.Module tracking (saving it as an object would
         # also trace its own Keras call signature); its variables are tracked instead, which is
         # all the serving functions capture.
@@ -84,7 +88,9 @@ class RetrievalModule(tf.Module):
         ef0 = config.ef[-1]
         start = config.start_layer
         if start is None:
-            start = retrieval.default_start_layer(self.graph.layer_sizes, tuple(reversed(config.ef)), self.num_items)
+            start = retrieval.default_start_layer(
+                self.graph.layer_sizes, tuple(reversed(config.ef)), self.num_items
+            )
         if not 0 <= start < self.graph.num_layers:
             raise InputError(f"--start-layer must be in 0..{self.graph.num_layers - 1}, got {start}")
         self.start_layer = start
@@ -92,7 +98,9 @@ class RetrievalModule(tf.Module):
         self.default_ef = _params_for(start, config.ef)
         self.default_steps = _params_for(start, config.steps)
         if not 1 <= config.k <= min(ef0, self.num_items):
-            raise InputError(f"k must be in 1..min(ef_0, items) = 1..{min(ef0, self.num_items)}, got {config.k}")
+            raise InputError(
+                f"k must be in 1..min(ef_0, items) = 1..{min(ef0, self.num_items)}, got {config.k}"
+            )
 
         depth = start + 1
         self.serve_default = tf.function(
@@ -117,17 +125,23 @@ class RetrievalModule(tf.Module):
         pos = tf.reshape(tf.minimum(pos, self.num_items - 1), tf.shape(history))
         found = tf.gather(self.item_ids, pos) == history
         checks = [
-            tf.debugging.assert_greater(tf.shape(history)[0], 0, message="history must hold at least one user"),
+            tf.debugging.assert_greater(
+                tf.shape(history)[0], 0, message="history must hold at least one user"
+            ),
             tf.debugging.Assert(
                 tf.reduce_all(found | pad),
-                ["history holds item ids that are not in the corpus (pad with -1); unknown ids:",
-                 tf.boolean_mask(history, ~(found | pad))],
+                [
+                    "history holds item ids that are not in the corpus (pad with -1); unknown ids:",
+                    tf.boolean_mask(history, ~(found | pad)),
+                ],
                 summarize=10,
             ),
             tf.debugging.Assert(
                 tf.reduce_all(tf.reduce_any(~pad, axis=1)),
-                ["every user needs at least one behaviour; rows of history that are all padding:",
-                 tf.where(~tf.reduce_any(~pad, axis=1))[:, 0]],
+                [
+                    "every user needs at least one behaviour; rows of history that are all padding:",
+                    tf.where(~tf.reduce_any(~pad, axis=1))[:, 0],
+                ],
                 summarize=10,
             ),
         ]
@@ -139,24 +153,36 @@ class RetrievalModule(tf.Module):
         return [
             tf.debugging.Assert((k >= 1) & (k <= n), [f"k must be in 1..{n} (the corpus size), got", k]),
             tf.debugging.Assert(tf.reduce_all(ef >= 1), ["every ef must be >= 1, got", ef]),
-            tf.debugging.Assert(ef[-1] >= k, ["ef of layer 0 (the last ef) must be >= k; got ef", ef, "k", k]),
+            tf.debugging.Assert(
+                ef[-1] >= k, ["ef of layer 0 (the last ef) must be >= k; got ef", ef, "k", k]
+            ),
             tf.debugging.Assert(tf.reduce_all(steps >= 1), ["every step count T must be >= 1, got", steps]),
         ]
 
     # -- serving -------------------------------------------------------------------
     def _serve_default(self, history):
-        return self._run(history, tf.constant(self.default_k), tf.constant(self.default_ef),
-                         tf.constant(self.default_steps), tf.constant("beam"))
+        return self._run(
+            history,
+            tf.constant(self.default_k),
+            tf.constant(self.default_ef),
+            tf.constant(self.default_steps),
+            tf.constant("beam"),
+        )
 
     def _retrieve_signature(self, history, k, ef, steps, mode):
         same = [
             tf.debugging.Assert(
-                tf.reduce_all(k == k[0]) & tf.reduce_all(ef == ef[:1]) & tf.reduce_all(steps == steps[:1])
+                tf.reduce_all(k == k[0])
+                & tf.reduce_all(ef == ef[:1])
+                & tf.reduce_all(steps == steps[:1])
                 & tf.reduce_all(mode == mode[0]),
                 ["all rows of a request must share k, ef, steps and mode"],
             ),
-            tf.debugging.assert_equal(tf.shape(k)[0], tf.shape(history)[0],
-                                      message="k, ef, steps and mode need one row per history row"),
+            tf.debugging.assert_equal(
+                tf.shape(k)[0],
+                tf.shape(history)[0],
+                message="k, ef, steps and mode need one row per history row",
+            ),
         ]
         with tf.control_dependencies(same):
             return self._run(history, k[0], ef[0], steps[0], mode[0])
@@ -181,19 +207,26 @@ class RetrievalModule(tf.Module):
         steps_list = [steps_by_layer[i] for i in range(self.start_layer + 1)]
 
         def beam(marking):
-            return lambda: retrieval.beam_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list,
-                                                    steps_list, self.start_layer, marking)
+            return lambda: retrieval.beam_retrieval(
+                self.graph, score_fn, self.item_e, batch, k, ef_list, steps_list, self.start_layer, marking
+            )
 
         branches = [
             (tf.equal(mode, "beam"), beam("bitmap")),
             (tf.equal(mode, "beam_sets"), beam("sets")),
-            (tf.equal(mode, "hnsw"),
-             lambda: retrieval.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[0])),
-            (tf.equal(mode, "exhaustive"), lambda: retrieval.exhaustive_retrieval(score_fn, self.item_e, batch, k)),
+            (
+                tf.equal(mode, "hnsw"),
+                lambda: retrieval.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[0]),
+            ),
+            (
+                tf.equal(mode, "exhaustive"),
+                lambda: retrieval.exhaustive_retrieval(score_fn, self.item_e, batch, k),
+            ),
         ]
         known = tf.reduce_any(tf.stack([c for c, _ in branches]))
-        with tf.control_dependencies([tf.debugging.Assert(known, ["mode must be one of", ", ".join(MODES),
-                                                                   "got", mode])]):
+        with tf.control_dependencies(
+            [tf.debugging.Assert(known, ["mode must be one of", ", ".join(MODES), "got", mode])]
+        ):
             ids, scores, scored = tf.case(branches, exclusive=True)
         return {
             "item_ids": tf.gather(self.item_ids, tf.maximum(ids, 0)),
@@ -262,8 +295,14 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("exported %s (start layer %d, defaults k=%d ef=%s T=%s)", final, module.start_layer,
-                config.k, module.default_ef, module.default_steps)
+    logger.info(
+        "exported %s (start layer %d, defaults k=%d ef=%s T=%s)",
+        final,
+        module.start_layer,
+        config.k,
+        module.default_ef,
+        module.default_steps,
+    )
     return final
 
 
@@ -272,5 +311,7 @@ def latest_export(workdir: str | Path) -> Path:
     root = Path(workdir) / EXPORT_DIR
     version = _next_version(root) - 1 if root.exists() else 0
     if version == 0:
-        raise ArtifactError(f"{root} holds no SavedModel; run `python -m model_export export --workdir {workdir}`")
+        raise ArtifactError(
+            f"{root} holds no SavedModel; run `python -m model_export export --workdir {workdir}`"
+        )
     return root / str(version)
