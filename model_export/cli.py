@@ -29,6 +29,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 100,200,400, got {text!r}"
+        ) from e
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m model_export",
@@ -129,12 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="recall-all@k of the trained model by exhaustive scoring",
-        description="Scores every item for each evaluated user and reports recall-all@k.",
+        help="recall, recall-delta and coverage of exhaustive, beam or hnsw retrieval",
+        description="Evaluates the workdir's model on the evaluated users. exhaustive scores every item "
+        "(recall-all@k); beam (NANN) and hnsw (the SL2G baseline) run the exported SavedModel and are "
+        "compared with the exhaustive top-k (computed once and cached in the workdir's eval/).",
     )
-    ev.add_argument("--workdir", required=True, help="a workdir written by train")
+    ev.add_argument("--workdir", required=True, help="a workdir written by train (and export, for beam/hnsw)")
     ev.add_argument("--k", type=_positive_int, default=200, help="top-k to retrieve (default 200)")
-    ev.add_argument("--mode", choices=("exhaustive",), default="exhaustive", help="search mode")
+    ev.add_argument(
+        "--mode",
+        choices=("exhaustive", "beam", "hnsw", "beam_sets"),
+        default="exhaustive",
+        help="search mode (default exhaustive; beam_sets = beam with raw set-op marking)",
+    )
+    ev.add_argument(
+        "--ef",
+        type=_int_list,
+        default=None,
+        help="beam widths top-down from the start layer to layer 0, e.g. 100,200,400 "
+        "(default: the export's); hnsw uses the last one as ef_0",
+    )
+    ev.add_argument(
+        "--steps",
+        type=_int_list,
+        default=None,
+        help="rounds T per layer, top-down, e.g. 1,1,3 (default: the export's)",
+    )
     ev.add_argument(
         "--users",
         type=int,
@@ -147,6 +179,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the --users sample (default 0)")
     ev.add_argument(
         "--json", action="store_true", help="print the result as one JSON object on the last line"
+    )
+
+    ex = sub.add_parser(
+        "export",
+        help="write ONE SavedModel: e_v + HNSW graph + scorer + Beam-retrieval",
+        description="Reads model/, embeddings/ and index/ (python -m index_builder) and writes "
+        "DIR/export/<next version>/, a SavedModel of stock TensorFlow ops that TF Serving can load. "
+        "The values given here are the defaults of the serving_default signature; the retrieve "
+        "signature takes them per request.",
+    )
+    ex.add_argument("--workdir", required=True, help="a workdir with model/, embeddings/ and index/")
+    ex.add_argument(
+        "--start-layer",
+        type=int,
+        default=None,
+        help="layer scored exhaustively to seed the walk (default: the highest layer with at "
+        "least max(its ef, items/2000) nodes: layer 2 at 1.3M-4M items with M=32)",
+    )
+    ex.add_argument("--k", type=_positive_int, default=200, help="default top-k (default 200)")
+    ex.add_argument(
+        "--ef",
+        type=_int_list,
+        default=(100, 200, 400),
+        help="default beam widths, top-down to layer 0 (default 100,200,400)",
+    )
+    ex.add_argument(
+        "--steps",
+        type=_int_list,
+        default=(1, 1, 3),
+        help="default rounds T per layer, top-down (default 1,1,3)",
     )
     return parser
 
@@ -245,15 +307,30 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from model_export.evaluate import EvalConfig, evaluate
 
-    result = evaluate(
-        args.workdir, EvalConfig(k=args.k, mode=args.mode, users=args.users, split=args.split, seed=args.seed)
+    config = EvalConfig(
+        k=args.k,
+        mode=args.mode,
+        users=args.users,
+        split=args.split,
+        seed=args.seed,
+        ef=args.ef,
+        steps=args.steps,
     )
-    print(
-        json.dumps(result)
-        if args.json
-        else f"recall-all@{result['k']} = {result['recall_all']:.4f} "
-        f"({result['users']} {result['split']} users, {result['items']} items, {result['mode']})"
+    result = evaluate(args.workdir, config)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(" ".join(f"{key}={value}" for key, value in result.items()))
+    return 0
+
+
+def _export(args) -> int:
+    from model_export.export import ExportConfig, export
+
+    path = export(
+        args.workdir, ExportConfig(start_layer=args.start_layer, k=args.k, ef=args.ef, steps=args.steps)
     )
+    print(path)
     return 0
 
 
@@ -265,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handler = {"synthesize": _synthesize, "train": _train, "evaluate": _evaluate}[args.command]
+    handler = {"synthesize": _synthesize, "train": _train, "evaluate": _evaluate, "export": _export}[
+        args.command
+    ]
     try:
         return handler(args)
     except NannError as e:

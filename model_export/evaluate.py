@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from model_export.errors import ArtifactError, InputError
 from model_export.model import NannModel, load_model_files
 
 logger = logging.getLogger(__name__)
-MODES = ("exhaustive",)
+MODES = ("exhaustive", "beam", "hnsw", "beam_sets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,8 @@ class EvalConfig:
     seed: int = 0
     user_batch: int = 16
     item_chunk: int = 8192
+    ef: tuple[int, ...] | None = None  # None: the export's defaults
+    steps: tuple[int, ...] | None = None
 
 
 class ExhaustiveSearcher:
@@ -106,58 +109,187 @@ def load_workdir(workdir: str | Path) -> tuple[Dataset, NannModel, np.ndarray]:
     return dataset, model, item_e
 
 
+class Evaluation:
+    """One workdir's evaluated users, with the exhaustive reference and the exported SavedModel.
+
+    The exhaustive top-k of the sampled users is computed once and cached in
+    ``eval/`` (it is the costly part), so a sweep over retrieval parameters
+    pays for it once.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        split: str = "test",
+        users: int = 0,
+        seed: int = 0,
+        user_batch: int = 16,
+        item_chunk: int = 8192,
+    ):
+        if users < 0:
+            raise InputError(f"--users must be >= 0 (0 = all evaluated users), got {users}")
+        if split not in ("valid", "test"):
+            raise InputError(f"--split must be valid or test, got {split!r}")
+        self.workdir = Path(workdir)
+        self.dataset, self.model, self.item_e = load_workdir(workdir)
+        self.train_meta = artifacts.read_meta(self.workdir / "model", "model", verify=False)
+        self.split, self.seed, self.user_batch, self.item_chunk = split, seed, user_batch, item_chunk
+        _, histories, targets = self.dataset.eval_examples(split, self.train_meta["params"]["max_len"])
+        if users and users < len(targets):
+            pick = np.sort(np.random.default_rng(seed).choice(len(targets), users, replace=False))
+            histories, targets = histories[pick], targets[pick]
+        self.histories, self.targets = histories, targets
+        self._saved_model = None
+        self.export_meta = None
+
+    @property
+    def num_users(self) -> int:
+        return len(self.targets)
+
+    def base_result(self, k: int, mode: str) -> dict:
+        return {
+            "users": self.num_users,
+            "k": k,
+            "items": self.dataset.num_items,
+            "mode": mode,
+            "split": self.split,
+            "arch": self.model.config.arch,
+            "fgsm_eps": self.train_meta["params"]["fgsm_eps"],
+        }
+
+    def reference(self, k: int, progress: bool = True) -> np.ndarray:
+        """Exhaustive top-k dense ids [users, k], cached under eval/ by model, users and k."""
+        model = artifacts.digest(self.train_meta)[:16]
+        key = f"{model}-{self.split}-k{k}-users{self.num_users}-seed{self.seed}"
+        path = self.workdir / "eval" / "reference" / f"{key}.npy"
+        if path.is_file():
+            return np.load(path)
+        if not 1 <= k <= self.dataset.num_items:
+            raise InputError(f"k must be in 1..{self.dataset.num_items} (the corpus size), got {k}")
+        searcher = ExhaustiveSearcher(self.model, self.item_e, self.user_batch, self.item_chunk)
+        ids, _ = searcher.search(self.histories, k, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
+        np.save(tmp, ids)
+        os.replace(tmp, path)
+        return ids
+
+    def saved_model(self):
+        """The latest exported SavedModel, loaded as TF Serving would (tf.saved_model.load)."""
+        if self._saved_model is None:
+            from model_export.export import latest_export
+
+            path = latest_export(self.workdir)
+            self.export_meta = artifacts.read_meta(path, "saved_model")
+            self._saved_model = tf.saved_model.load(str(path))
+        return self._saved_model
+
+    def retrieve(self, mode: str, k: int, ef=None, steps=None, progress: bool = True):
+        """Runs the SavedModel's ``retrieve`` signature: (dense ids [users, k], items scored [users])."""
+        model = self.saved_model()
+        params = self.export_meta["params"]
+        depth = params["start_layer"] + 1
+        ef = tuple(params["ef"]) if ef is None else tuple(ef)
+        steps = tuple(params["steps"]) if steps is None else tuple(steps)
+        for name, values in (("--ef", ef), ("--steps", steps)):
+            if len(values) != depth:
+                raise InputError(
+                    f"this export starts at layer {params['start_layer']}: give {depth} values to {name}, "
+                    f"top-down from the start layer to layer 0 (defaults: {params[name[2:]]})"
+                )
+        if not 1 <= k <= min(ef[-1], self.dataset.num_items):
+            raise InputError(
+                f"k must be in 1..min(ef of layer 0, items) = 1..{min(ef[-1], self.dataset.num_items)}, "
+                f"got {k}"
+            )
+        if min(ef) < 1 or min(steps) < 1:
+            raise InputError(f"every --ef and --steps value must be >= 1, got ef {ef} steps {steps}")
+        fn = model.signatures["retrieve"]
+        original = self.dataset.item_ids
+        ids = np.empty((self.num_users, k), np.int32)
+        scored = np.empty(self.num_users, np.int64)
+        for start in tqdm(
+            range(0, self.num_users, self.user_batch),
+            desc=f"{mode} retrieval",
+            unit="batch",
+            disable=None if progress else True,
+        ):
+            h = self.histories[start : start + self.user_batch]
+            b = len(h)
+            out = fn(
+                history=tf.constant(np.where(h >= 0, original[np.maximum(h, 0)], -1), tf.int64),
+                k=tf.fill([b], k),
+                ef=tf.constant([ef] * b, tf.int32),
+                steps=tf.constant([steps] * b, tf.int32),
+                mode=tf.constant([mode] * b),
+            )
+            ids[start : start + b] = np.searchsorted(original, out["item_ids"].numpy())
+            scored[start : start + b] = out["scored"].numpy()
+        return ids, scored
+
+    def metrics(self, mode: str, k: int, ef=None, steps=None, progress: bool = True) -> dict:
+        """The paper's metrics of one search setting against the exhaustive reference."""
+        reference = self.reference(k, progress)
+        result = self.base_result(k, mode)
+        recall_all = float(recall_at_k(reference, self.targets).mean())
+        result["recall_all"] = recall_all
+        if mode == "exhaustive":
+            return result
+        started = time.perf_counter()
+        ids, scored = self.retrieve(mode, k, ef, steps, progress)
+        seconds = time.perf_counter() - started
+        recall = float(recall_at_k(ids, self.targets).mean())
+        coverage = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ids, reference, strict=True)])
+        result.update(
+            recall_retrieval=recall,
+            recall_delta=(recall_all - recall) / recall_all if recall_all > 0 else 0.0,
+            coverage=float(coverage),
+            scored_fraction=float(scored.mean() / self.dataset.num_items),
+            scored_per_user=float(scored.mean()),
+            ef=list(ef or self.export_meta["params"]["ef"]),
+            steps=list(steps or self.export_meta["params"]["steps"]),
+            seconds=round(seconds, 2),
+        )
+        return result
+
+
 def evaluate(workdir: str | Path, config: EvalConfig, progress: bool = True) -> dict:
-    """Evaluates the trained model of ``workdir``; returns the metrics dict (also written to eval/).
+    """Evaluates the workdir's model in one mode; returns the metrics dict (also written to eval/).
 
     Raises:
-      InputError: bad parameters (k, users, split, mode).
+      InputError: bad parameters (k, users, split, mode, ef, steps).
     """
     if config.mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
-    if config.users < 0:
-        raise InputError(f"--users must be >= 0 (0 = all evaluated users), got {config.users}")
-    if config.split not in ("valid", "test"):
-        raise InputError(f"--split must be valid or test, got {config.split!r}")
-    dataset, model, item_e = load_workdir(workdir)
-    train_meta = artifacts.read_meta(Path(workdir) / "model", "model", verify=False)
-    max_len = train_meta["params"]["max_len"]
-    users, histories, targets = dataset.eval_examples(config.split, max_len)
-    if config.users and config.users < len(users):
-        pick = np.sort(np.random.default_rng(config.seed).choice(len(users), config.users, replace=False))
-        users, histories, targets = users[pick], histories[pick], targets[pick]
-    searcher = ExhaustiveSearcher(model, item_e, config.user_batch, config.item_chunk)
+    evaluation = Evaluation(
+        workdir, config.split, config.users, config.seed, config.user_batch, config.item_chunk
+    )
     started = time.perf_counter()
-    top_ids, _ = searcher.search(histories, config.k, progress=progress)
-    seconds = time.perf_counter() - started
-    result = {
-        "recall_all": float(recall_at_k(top_ids, targets).mean()),
-        "users": int(len(users)),
-        "k": config.k,
-        "items": dataset.num_items,
-        "mode": config.mode,
-        "split": config.split,
-        "arch": model.config.arch,
-        "fgsm_eps": train_meta["params"]["fgsm_eps"],
-        "seconds": round(seconds, 2),
-        "users_per_second": round(len(users) / seconds, 2) if seconds else None,
-    }
+    result = evaluation.metrics(config.mode, config.k, config.ef, config.steps, progress)
+    result["seconds_total"] = round(time.perf_counter() - started, 2)
     name = f"{config.mode}-{config.split}-k{config.k}-users{result['users']}"
     with artifacts.atomic_dir(Path(workdir) / "eval" / name) as tmp:
         (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         artifacts.write_meta(
             tmp,
             artifacts.provenance(
-                "evaluation", dataclasses.asdict(config), inputs={"model": artifacts.digest(train_meta)}
+                "evaluation",
+                dataclasses.asdict(config),
+                inputs={"model": artifacts.digest(evaluation.train_meta)},
             ),
         )
+    summary = ", ".join(
+        f"{key} {result[key]:.4f}"
+        for key in ("recall_all", "recall_retrieval", "recall_delta", "coverage", "scored_fraction")
+        if key in result
+    )
     logger.info(
-        "recall-all@%d = %.4f over %d %s users (%d items, %s, %.1f s)",
+        "%s@%d over %d %s users (%d items): %s",
+        config.mode,
         config.k,
-        result["recall_all"],
         result["users"],
         config.split,
         result["items"],
-        config.mode,
-        seconds,
+        summary,
     )
     return result
