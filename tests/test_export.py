@@ -1,0 +1,186 @@
+"""The exported SavedModel: loads without project code, matches exhaustive search, rejects bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from index_builder.build import BuildConfig, build_index
+from model_export import data
+from model_export.evaluate import Evaluation
+from model_export.export import ExportConfig, RetrievalModule, export
+from model_export.synthetic import synthesize
+from model_export.train import TrainConfig, train
+
+EXPORT = ExportConfig(start_layer=1, k=10, ef=(20, 40), steps=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    csv = root / "interactions.csv"
+    synthesize(1500, 300, csv, seed=2, mean_length=20, show_progress=False)
+    work = root / "work"
+    data.save_dataset(data.load_dataset_from_file(csv), work / "dataset")
+    train(
+        data.load_dataset(work / "dataset"),
+        work,
+        TrainConfig(arch="din", epochs=1, batch_size=64, negatives=19, seed=0),
+    )
+    build_index(work, BuildConfig(m=8, ef_construction=40, threads=1))
+    export(work, EXPORT)
+    return work
+
+
+@pytest.fixture(scope="module")
+def evaluation(workdir) -> Evaluation:
+    return Evaluation(workdir, "test")
+
+
+def retrieve(saved, history, k, ef, steps, mode):
+    b = len(history)
+    return saved.signatures["retrieve"](
+        history=tf.constant(history, tf.int64),
+        k=tf.fill([b], k),
+        ef=tf.constant([ef] * b, tf.int32),
+        steps=tf.constant([steps] * b, tf.int32),
+        mode=tf.constant([mode] * b),
+    )
+
+
+def original_histories(evaluation, rows=slice(None)):
+    h = evaluation.histories[rows]
+    return np.where(h >= 0, evaluation.dataset.item_ids[np.maximum(h, 0)], -1)
+
+
+def test_loads_and_answers_in_a_process_with_only_tensorflow(workdir, evaluation, tmp_path):
+    """As TF Serving would: no project code on the path, only the SavedModel directory."""
+    history = original_histories(evaluation, slice(0, 3))
+    np.save(tmp_path / "history.npy", history)
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        import tensorflow as tf
+        assert "model_export" not in sys.modules
+        model = tf.saved_model.load({str(workdir / "export" / "1")!r})
+        out = model.signatures["serving_default"](history=tf.constant(np.load("history.npy")))
+        print(json.dumps({{k: v.numpy().tolist() for k, v in out.items()}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    ids = np.array(out["item_ids"])
+    assert ids.shape == (3, EXPORT.k) and np.array(out["scores"]).shape == (3, EXPORT.k)
+    assert np.isin(ids, evaluation.dataset.item_ids).all(), "outputs must be original item ids"
+    assert all(len(set(row)) == EXPORT.k for row in ids)
+    assert (np.array(out["scored"]) < evaluation.dataset.num_items).all()
+
+
+def test_saved_model_cli_lists_the_signatures(workdir):
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    if not cli.exists():
+        pytest.skip(f"saved_model_cli not found beside {sys.executable}")
+    done = subprocess.run(
+        [str(cli), "show", "--dir", str(workdir / "export" / "1"), "--all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in (
+        "signature_def['serving_default']",
+        "signature_def['retrieve']",
+        "inputs['history']",
+        "outputs['item_ids']",
+        "outputs['scored']",
+    ):
+        assert name in done.stdout
+
+
+@pytest.mark.parametrize("mode", ["beam", "beam_sets", "hnsw"])
+def test_ef_covering_the_corpus_equals_exhaustive(evaluation, mode):
+    n, k = evaluation.dataset.num_items, 10
+    ids, scored = evaluation.retrieve(mode, k, ef=(n, n), steps=(n, n), progress=False)
+    reference = evaluation.reference(k, progress=False)
+    assert all(set(a) == set(b) for a, b in zip(ids, reference, strict=True))
+
+
+def test_default_parameters_score_a_fraction_and_cover_most(evaluation):
+    result = evaluation.metrics("beam", EXPORT.k, progress=False)
+    assert result["scored_fraction"] < 0.6
+    # A small, barely trained corpus; the bound only guards against a broken walk.
+    assert result["coverage"] >= 0.5, result
+
+
+def test_a_batch_equals_users_one_by_one(workdir, evaluation):
+    saved = tf.saved_model.load(str(workdir / "export" / "1"))
+    history = original_histories(evaluation, slice(0, 6))
+    batch = retrieve(saved, history, 10, [20, 40], [1, 2], "beam")
+    for i in range(len(history)):
+        single = retrieve(saved, history[i : i + 1], 10, [20, 40], [1, 2], "beam")
+        np.testing.assert_array_equal(single["item_ids"].numpy()[0], batch["item_ids"].numpy()[i])
+        np.testing.assert_allclose(single["scores"].numpy()[0], batch["scores"].numpy()[i], rtol=1e-5)
+
+
+def test_reload_gives_identical_results(workdir, evaluation):
+    """The in-memory module before saving and the loaded SavedModel answer the same."""
+    from index_builder.graph import load_graph
+    from model_export.model import load_model_files
+
+    module = RetrievalModule(
+        load_model_files(workdir / "model"),
+        np.load(workdir / "embeddings" / "item_embeddings.npy"),
+        evaluation.dataset.item_ids,
+        load_graph(workdir / "index"),
+        EXPORT,
+    )
+    saved = tf.saved_model.load(str(workdir / "export" / "1"))
+    history = tf.constant(original_histories(evaluation, slice(0, 8)), tf.int64)
+    before = module.serve_default(history)
+    after = saved.signatures["serving_default"](history=history)
+    for key in ("item_ids", "scores", "scored"):
+        np.testing.assert_array_equal(before[key].numpy(), after[key].numpy())
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"k": 0}, "k must be in 1.."),
+        ({"k": 10**6}, "k must be in 1.."),
+        ({"ef": [20, 5]}, "ef of layer 0 (the last ef) must be >= k"),
+        ({"steps": [1, 0]}, "every step count T must be >= 1"),
+        ({"mode": "greedy"}, "mode must be one of"),
+        ({"unknown_id": True}, "not in the corpus"),
+        ({"empty_row": True}, "every user needs at least one behaviour"),
+    ],
+)
+def test_bad_requests_get_clear_errors(workdir, evaluation, change, message):
+    saved = tf.saved_model.load(str(workdir / "export" / "1"))
+    history = original_histories(evaluation, slice(0, 2))
+    if change.get("unknown_id"):
+        history[0, 0] = evaluation.dataset.item_ids.max() + 12345
+    if change.get("empty_row"):
+        history[1, :] = -1
+    args = {"k": 10, "ef": [20, 40], "steps": [1, 2], "mode": "beam"}
+    args.update({k: v for k, v in change.items() if k in args})
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        retrieve(saved, history, args["k"], args["ef"], args["steps"], args["mode"])
+
+
+def test_export_versions_and_provenance(workdir):
+    meta = json.loads((workdir / "export" / "1" / "meta.json").read_text())
+    assert meta["kind"] == "saved_model"
+    assert meta["params"]["start_layer"] == 1 and meta["params"]["ef"] == [20, 40]
+    assert any(name.startswith("variables/") for name in meta["files"])
+    assert set(meta["inputs"]) == {"model", "embeddings", "index"}
