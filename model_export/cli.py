@@ -181,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the result as one JSON object on the last line"
     )
 
+    sw = sub.add_parser(
+        "sweep",
+        help="coverage and recall against %% of corpus scored, beam vs hnsw (PNG + CSV + JSON)",
+        description="Runs the exported SavedModel over a grid of layer-0 beam widths and rounds and "
+        "writes a Figure-3-style plot with its numbers (sweep.png, sweep.csv, sweep.json).",
+    )
+    sw.add_argument("--workdir", required=True, help="a workdir with an export")
+    sw.add_argument("--out", default=None, help="output folder (default DIR/eval/sweep)")
+    sw.add_argument("--users", type=int, default=0, help="seeded sample of N evaluated users (default all)")
+    sw.add_argument("--k", type=_positive_int, default=200, help="top-k (default 200)")
+    sw.add_argument("--split", choices=("test", "valid"), default="test")
+    sw.add_argument("--seed", type=int, default=0)
+
     ex = sub.add_parser(
         "export",
         help="write ONE SavedModel: e_v + HNSW graph + scorer + Beam-retrieval",
@@ -324,6 +337,13 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from model_export.sweep import sweep
+
+    sweep(args.workdir, args.out, users=args.users, k=args.k, split=args.split, seed=args.seed)
+    return 0
+
+
 def _export(args) -> int:
     from model_export.export import ExportConfig, export
 
@@ -342,9 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handler = {"synthesize": _synthesize, "train": _train, "evaluate": _evaluate, "export": _export}[
-        args.command
-    ]
+    handler = {
+        "synthesize": _synthesize,
+        "train": _train,
+        "evaluate": _evaluate,
+        "export": _export,
+        "sweep": _sweep,
+    }[args.command]
     try:
         return handler(args)
     except NannError as e:

@@ -184,3 +184,19 @@ def test_export_versions_and_provenance(workdir):
     assert meta["params"]["start_layer"] == 1 and meta["params"]["ef"] == [20, 40]
     assert any(name.startswith("variables/") for name in meta["files"])
     assert set(meta["inputs"]) == {"model", "embeddings", "index"}
+
+
+def test_sweep_writes_plot_and_numbers(workdir, tmp_path, monkeypatch):
+    from model_export import sweep
+
+    monkeypatch.setattr(sweep, "BEAM_EF0", (20, 40))
+    monkeypatch.setattr(sweep, "BEAM_T0", (1, 2))
+    monkeypatch.setattr(sweep, "HNSW_EF0", (20, 40))
+    rows = sweep.sweep(workdir, tmp_path, k=10)
+    assert [r["mode"] for r in rows] == ["beam"] * 4 + ["hnsw"] * 2
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert lines[0].startswith("mode,ef,steps,scored_fraction") and len(lines) == 7
+    # More rounds never find less: T_0 = 2 covers at least what T_0 = 1 does at the same ef.
+    beam = {(tuple(r["ef"]), tuple(r["steps"])): r["coverage"] for r in rows if r["mode"] == "beam"}
+    assert beam[((20, 40), (1, 2))] >= beam[((20, 40), (1, 1))]

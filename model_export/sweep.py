@@ -1,0 +1,128 @@
+"""Figure-3-style sweep: coverage and recall against the share of the corpus scored, beam vs hnsw.
+
+Runs the exported SavedModel over a grid of layer-0 beam widths (and rounds
+T_0 for beam), measures each setting against the cached exhaustive top-k, and
+writes ``sweep.csv``, ``sweep.json`` and ``sweep.png`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from model_export.evaluate import Evaluation
+
+logger = logging.getLogger(__name__)
+
+BEAM_EF0 = (200, 300, 400, 600, 800)
+BEAM_T0 = (1, 2, 3)
+HNSW_EF0 = (200, 300, 400, 600, 800, 1200, 1600)
+FIELDS = (
+    "mode",
+    "ef",
+    "steps",
+    "scored_fraction",
+    "scored_per_user",
+    "coverage",
+    "recall_retrieval",
+    "recall_all",
+    "recall_delta",
+    "users",
+    "k",
+    "items",
+    "seconds",
+)
+
+
+def settings(defaults_ef, defaults_steps, k: int, num_items: int):
+    """(mode, ef, steps) of the sweep; the upper layers keep the export's defaults."""
+    upper_ef, upper_steps = tuple(defaults_ef[:-1]), tuple(defaults_steps[:-1])
+    out = []
+    for ef0 in BEAM_EF0:
+        for t0 in BEAM_T0:
+            if k <= ef0 <= num_items:
+                out.append(("beam", (*upper_ef, ef0), (*upper_steps, t0)))
+    for ef0 in HNSW_EF0:
+        if k <= ef0 <= num_items:
+            out.append(("hnsw", (*upper_ef, ef0), tuple(defaults_steps)))
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, style in (("beam", "o-"), ("hnsw", "s--")):
+        points = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["scored_fraction"])
+        if mode == "beam":  # the upper envelope: best coverage reached at each cost
+            best, envelope = -1.0, []
+            for r in points:
+                if r["coverage"] > best:
+                    best = r["coverage"]
+                    envelope.append(r)
+            points = envelope
+        label = "NANN beam-retrieval" if mode == "beam" else "HNSW-retrieval (SL2G)"
+        x = [100 * r["scored_fraction"] for r in points]
+        axes[0].plot(x, [100 * r["coverage"] for r in points], style, label=label)
+        axes[1].plot(x, [100 * r["recall_retrieval"] for r in points], style, label=label)
+    if rows:
+        axes[1].axhline(
+            100 * rows[0]["recall_all"], color="gray", lw=1, ls=":", label="exhaustive (recall-all)"
+        )
+    for ax, name in zip(axes, ("coverage@k (%)", "recall@k (%)"), strict=True):
+        ax.set_xlabel("% of corpus scored per query")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep(
+    workdir: str | Path,
+    out: str | Path | None = None,
+    users: int = 0,
+    k: int = 200,
+    split: str = "test",
+    seed: int = 0,
+) -> list[dict]:
+    """Runs the grid and writes CSV, JSON and PNG; returns the rows."""
+    evaluation = Evaluation(workdir, split, users, seed)
+    evaluation.saved_model()
+    params = evaluation.export_meta["params"]
+    out = Path(out) if out else Path(workdir) / "eval" / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation.reference(k)
+    rows = []
+    for mode, ef, steps in settings(params["ef"], params["steps"], k, evaluation.dataset.num_items):
+        result = evaluation.metrics(mode, k, ef, steps, progress=False)
+        rows.append(result)
+        logger.info(
+            "%s ef=%s T=%s: %.2f%% scored, coverage %.4f, recall %.4f",
+            mode,
+            ef,
+            steps,
+            100 * result["scored_fraction"],
+            result["coverage"],
+            result["recall_retrieval"],
+        )
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "ef": "/".join(map(str, r["ef"])), "steps": "/".join(map(str, r["steps"]))})
+    (out / "sweep.json").write_text(json.dumps({"export": params, "rows": rows}, indent=2) + "\n")
+    title = (
+        f"{evaluation.model.config.arch}, fgsm eps {evaluation.train_meta['params']['fgsm_eps']:g}: "
+        f"{evaluation.dataset.num_items:,} items, {evaluation.num_users} users, k={k}"
+    )
+    plot(rows, out / "sweep.png", title)
+    logger.info("wrote %s/sweep.{csv,json,png}", out)
+    return rows
