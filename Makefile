@@ -14,11 +14,15 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-# End to end on a small synthetic corpus: synthesize -> train (din + FGSM) -> exhaustive evaluation.
+# End to end on a small synthetic corpus: synthesize -> train (din + FGSM) -> exhaustive evaluation
+# -> HNSW index -> SavedModel export -> Beam-retrieval measured against the exhaustive answer.
 demo: setup
 	$(BIN)/python -m model_export synthesize --items 5000 --users 2000 --mean-length 30 --out $(DEMO)/interactions.csv
 	$(BIN)/python -m model_export train --interactions $(DEMO)/interactions.csv --workdir $(DEMO)/work --epochs 1 --restart
 	$(BIN)/python -m model_export evaluate --workdir $(DEMO)/work --k 200
+	$(BIN)/python -m index_builder --workdir $(DEMO)/work
+	$(BIN)/python -m model_export export --workdir $(DEMO)/work
+	$(BIN)/python -m model_export evaluate --workdir $(DEMO)/work --k 200 --mode beam
 
 test: setup
 	$(BIN)/python -m pytest -q
