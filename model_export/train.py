@@ -77,7 +77,11 @@ def noise_distribution(dataset: Dataset) -> np.ndarray:
 
 
 class BatchMaker:
-    """Builds training batches with numpy; deterministic in (seed, epoch, batch index)."""
+    """Builds training batches with numpy; deterministic in (seed, epoch, batch index).
+
+    Determinism per batch index is what lets a resumed run continue mid-epoch
+    with exactly the batches an uninterrupted run would have seen.
+    """
 
     def __init__(self, dataset: Dataset, config: TrainConfig, noise: np.ndarray):
         self.dataset = dataset
@@ -85,33 +89,34 @@ class BatchMaker:
         self.positions = dataset.train_positions()
         self.cdf = np.cumsum(noise)
         self.cdf[-1] = 1.0
-        self.epoch = 0
-        self.order = self.positions
 
     @property
     def batches_per_epoch(self) -> int:
         return -(-len(self.positions) // self.config.batch_size)
 
-    def start_epoch(self, epoch: int) -> None:
-        rng = np.random.default_rng([self.config.seed, epoch])
-        self.order = self.positions[rng.permutation(len(self.positions))]
-        self.epoch = epoch
-
-    def __call__(self, index):
+    def batch(self, order: np.ndarray, epoch: int, index: int):
+        """(histories [b, max_len], positives [b], shared noise labels [K]) of one batch."""
         b = self.config.batch_size
-        index = int(index)
-        positions = self.order[index * b : (index + 1) * b]
-        rng = np.random.default_rng([self.config.seed, self.epoch, index, 1])
+        positions = order[index * b : (index + 1) * b]
+        rng = np.random.default_rng([self.config.seed, epoch, index, 1])
         negatives = np.searchsorted(self.cdf, rng.random(self.config.negatives), side="right")
         negatives = np.minimum(negatives, len(self.cdf) - 1).astype(np.int32)
         history = self.dataset.histories(positions, self.config.max_len).astype(np.int32)
         return history, self.dataset.seq_items[positions].astype(np.int32), negatives
 
-    def tf_dataset(self, first_batch: int) -> tf.data.Dataset:
-        """Batches ``first_batch..end`` of the current epoch, prepared ahead of the train step."""
+    def tf_dataset(self, epoch: int, first_batch: int) -> tf.data.Dataset:
+        """Batches ``first_batch..end`` of ``epoch``, prepared ahead of the train step."""
+        order = self.positions[
+            np.random.default_rng([self.config.seed, epoch]).permutation(len(self.positions))
+        ]
 
         def make(i):
-            hist, pos, neg = tf.numpy_function(self, [i], [tf.int32, tf.int32, tf.int32], stateful=False)
+            hist, pos, neg = tf.numpy_function(
+                lambda index: self.batch(order, epoch, int(index)),
+                [i],
+                [tf.int32, tf.int32, tf.int32],
+                stateful=False,
+            )
             hist.set_shape([None, self.config.max_len])
             pos.set_shape([None])
             neg.set_shape([self.config.negatives])
@@ -241,7 +246,6 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
     examples, seconds, loss = 0, 0.0, (float("nan"),) * 3
     while int(epoch_var.numpy()) < config.epochs:
         epoch = int(epoch_var.numpy())
-        batches.start_epoch(epoch)
         first = int(batch_var.numpy())
         bar = tqdm(
             total=batches.batches_per_epoch,
@@ -252,7 +256,7 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
         )
         started = time.perf_counter()
         epoch_examples = 0
-        for i, (hist, pos, neg) in enumerate(batches.tf_dataset(first), start=first):
+        for i, (hist, pos, neg) in enumerate(batches.tf_dataset(epoch, first), start=first):
             loss = [float(x) for x in step(hist, pos, neg)]
             epoch_examples += int(pos.shape[0])
             batch_var.assign(i + 1)
