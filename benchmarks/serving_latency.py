@@ -1,0 +1,130 @@
+"""Latency of the exported SavedModel: beam vs exhaustive, and bitmap vs raw-set-op marking (Table 1).
+
+Loads ``DIR/export/<latest>`` with ``tf.saved_model.load`` (as a serving
+process would), replays evaluated users' histories through the ``retrieve``
+signature and reports, per setting, the median and p90 response time, QPS
+(batches of B users divided by wall time) and the candidates scored per query.
+
+    python benchmarks/serving_latency.py --workdir runs/w --batch 1 --queries 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from model_export import artifacts  # noqa: E402
+from model_export.data import load_dataset  # noqa: E402
+from model_export.export import latest_export  # noqa: E402
+
+
+def parse_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="users per request")
+    parser.add_argument(
+        "--queries", type=int, default=40, help="timed requests per setting (after 3 warm-up)"
+    )
+    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument(
+        "--table1-ef",
+        type=parse_list,
+        default=(200, 500, 1000),
+        help="Table 1 beam widths, top-down (trimmed or extended to the export's depth)",
+    )
+    parser.add_argument("--table1-steps", type=parse_list, default=(1, 1, 2))
+    parser.add_argument("--exhaustive-queries", type=int, default=5, help="timed exhaustive requests")
+    args = parser.parse_args()
+
+    path = latest_export(args.workdir)
+    meta = artifacts.read_meta(path, "saved_model")
+    params = meta["params"]
+    depth = params["start_layer"] + 1
+    model = tf.saved_model.load(str(path))
+    fn = model.signatures["retrieve"]
+    dataset = load_dataset(Path(args.workdir) / "dataset")
+    _, histories, _ = dataset.eval_examples("test", 50)
+    histories = np.where(histories >= 0, dataset.item_ids[np.maximum(histories, 0)], -1)
+
+    def fit(values):
+        values = tuple(values)
+        return values[-depth:] if len(values) >= depth else (values[0],) * (depth - len(values)) + values
+
+    settings = [
+        ("beam", tuple(params["ef"]), tuple(params["steps"]), "default"),
+        ("beam", fit(args.table1_ef), fit(args.table1_steps), "table1"),
+        ("beam_sets", fit(args.table1_ef), fit(args.table1_steps), "table1"),
+        ("hnsw", tuple(params["ef"]), tuple(params["steps"]), "default"),
+        ("exhaustive", tuple(params["ef"]), tuple(params["steps"]), "default"),
+    ]
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in args.batch:
+        for mode, ef, steps, label in settings:
+            n = args.exhaustive_queries if mode == "exhaustive" else args.queries
+            times, scored = [], []
+            for q in range(n + 3):
+                h = tf.constant(histories[rng.choice(len(histories), batch)], tf.int64)
+                started = time.perf_counter()
+                out = fn(
+                    history=h,
+                    k=tf.fill([batch], args.k),
+                    ef=tf.constant([ef] * batch, tf.int32),
+                    steps=tf.constant([steps] * batch, tf.int32),
+                    mode=tf.constant([mode] * batch),
+                )
+                out["item_ids"].numpy()
+                if q >= 3:
+                    times.append(time.perf_counter() - started)
+                    scored.append(float(out["scored"].numpy().mean()))
+            row = {
+                "mode": mode,
+                "setting": label,
+                "ef": list(ef),
+                "steps": list(steps),
+                "batch": batch,
+                "median_ms": round(1000 * float(np.median(times)), 2),
+                "p90_ms": round(1000 * float(np.percentile(times, 90)), 2),
+                "qps_users": round(batch * len(times) / sum(times), 1),
+                "scored_per_user": round(float(np.mean(scored)), 1),
+                "scored_fraction": round(float(np.mean(scored)) / dataset.num_items, 5),
+                "requests": len(times),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for batch in args.batch:
+        by = {(r["mode"], r["setting"]): r for r in rows if r["batch"] == batch}
+        speedup = by[("exhaustive", "default")]["median_ms"] / by[("beam", "default")]["median_ms"]
+        print(f"batch {batch}: beam (defaults) is {speedup:.1f}x faster than exhaustive (median RT)")
+    result = {
+        "command": "python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]),
+        "export": str(path.relative_to(Path(args.workdir))),
+        "items": dataset.num_items,
+        "start_layer": params["start_layer"],
+        "layer_sizes": params["layer_sizes"],
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
+    out = ROOT / "benchmarks" / "results" / f"serving_latency_{dataset.num_items}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
