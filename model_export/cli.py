@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="batches between checkpoints (default 500; one is also written per epoch)",
     )
     tr.add_argument(
+        "--examples-per-epoch",
+        type=int,
+        default=0,
+        help="train on a seeded sample of this many positions per epoch (default 0 = all); for corpora "
+        "whose full epoch takes hours",
+    )
+    tr.add_argument(
         "--restart", action="store_true", help="discard the workdir's dataset and checkpoints and start over"
     )
     tr.add_argument(
@@ -301,6 +308,7 @@ def _train(args) -> int:
             max_len=args.max_len,
             seed=args.seed,
             checkpoint_every=args.checkpoint_every,
+            examples_per_epoch=args.examples_per_epoch,
         )
     except ValueError as e:
         raise NannError(str(e)) from e

@@ -45,6 +45,7 @@ class TrainConfig:
     max_len: int = 50
     seed: int = 0
     checkpoint_every: int = 500
+    examples_per_epoch: int = 0  # 0: every training position; else a seeded sample of this many per epoch
 
     def __post_init__(self):
         checks = [
@@ -55,6 +56,10 @@ class TrainConfig:
             (self.learning_rate > 0, f"--lr must be > 0, got {self.learning_rate}"),
             (self.max_len >= 1, f"--max-len must be >= 1, got {self.max_len}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
+            (
+                self.examples_per_epoch >= 0,
+                f"--examples-per-epoch must be >= 0, got {self.examples_per_epoch}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -91,8 +96,13 @@ class BatchMaker:
         self.cdf[-1] = 1.0
 
     @property
+    def examples_per_epoch(self) -> int:
+        n = self.config.examples_per_epoch
+        return min(n, len(self.positions)) if n else len(self.positions)
+
+    @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self.positions) // self.config.batch_size)
+        return -(-self.examples_per_epoch // self.config.batch_size)
 
     def batch(self, order: np.ndarray, epoch: int, index: int):
         """(histories [b, max_len], positives [b], shared noise labels [K]) of one batch."""
@@ -106,9 +116,8 @@ class BatchMaker:
 
     def tf_dataset(self, epoch: int, first_batch: int) -> tf.data.Dataset:
         """Batches ``first_batch..end`` of ``epoch``, prepared ahead of the train step."""
-        order = self.positions[
-            np.random.default_rng([self.config.seed, epoch]).permutation(len(self.positions))
-        ]
+        permutation = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.positions))
+        order = self.positions[permutation[: self.examples_per_epoch]]
 
         def make(i):
             hist, pos, neg = tf.numpy_function(
@@ -235,7 +244,7 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
     logger.info(
         "training %s on %d examples/epoch (%d users, %d items), batch %d, %d noise labels, fgsm eps %g",
         config.arch,
-        len(batches.positions),
+        batches.examples_per_epoch,
         len(dataset.train_users),
         dataset.num_items,
         config.batch_size,

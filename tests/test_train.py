@@ -223,3 +223,24 @@ def test_cli_refuses_a_changed_input_for_a_prepared_workdir(tiny_csv, tmp_path, 
     capsys.readouterr()
     assert cli.main(args) == 2
     assert "was prepared from another input or with other parameters" in capsys.readouterr().err
+
+
+def test_examples_per_epoch_samples_distinct_training_positions(tiny_dataset):
+    from model_export.train import BatchMaker, noise_distribution
+
+    config = TrainConfig(**{**TINY.__dict__, "examples_per_epoch": 100, "batch_size": 32})
+    maker = BatchMaker(tiny_dataset, config, noise_distribution(tiny_dataset))
+    assert maker.examples_per_epoch == 100 and maker.batches_per_epoch == 4
+    batches = [tuple(t.numpy() for t in b) for b in maker.tf_dataset(epoch=0, first_batch=0)]
+    positives = np.concatenate([pos for _, pos, _ in batches])
+    assert len(positives) == 100
+    again = np.concatenate([pos.numpy() for _, pos, _ in maker.tf_dataset(epoch=0, first_batch=0)])
+    np.testing.assert_array_equal(positives, again)  # seeded: the same sample for the same epoch
+    other = np.concatenate([pos.numpy() for _, pos, _ in maker.tf_dataset(epoch=1, first_batch=0)])
+    assert not np.array_equal(positives, other)  # a fresh sample each epoch
+    everything = BatchMaker(
+        tiny_dataset,
+        TrainConfig(**{**TINY.__dict__, "examples_per_epoch": 0}),
+        noise_distribution(tiny_dataset),
+    )
+    assert everything.examples_per_epoch == len(tiny_dataset.train_positions())
