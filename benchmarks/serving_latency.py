@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="users per request")
     parser.add_argument(
-        "--queries", type=int, default=40, help="timed requests per setting (after 3 warm-up)"
+        "--queries", type=int, default=40, help="timed requests per setting (after 3 warm-up, 1 for exhaustive)"
     )
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument(
@@ -78,7 +78,8 @@ def main() -> int:
         for mode, ef, steps, label in settings:
             n = args.exhaustive_queries if mode == "exhaustive" else args.queries
             times, scored = [], []
-            for q in range(n + 3):
+            warmup = 1 if mode == "exhaustive" else 3
+            for q in range(n + warmup):
                 h = tf.constant(histories[rng.choice(len(histories), batch)], tf.int64)
                 started = time.perf_counter()
                 out = fn(
@@ -89,7 +90,7 @@ def main() -> int:
                     mode=tf.constant([mode] * batch),
                 )
                 out["item_ids"].numpy()
-                if q >= 3:
+                if q >= warmup:
                     times.append(time.perf_counter() - started)
                     scored.append(float(out["scored"].numpy().mean()))
             row = {

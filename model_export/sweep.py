@@ -17,7 +17,7 @@ from model_export.evaluate import Evaluation
 logger = logging.getLogger(__name__)
 
 BEAM_EF0 = (200, 300, 400, 600, 800)
-BEAM_T0 = (1, 2, 3)
+BEAM_T0 = (1, 2, 3, 5)
 HNSW_EF0 = (200, 300, 400, 600, 800, 1200, 1600)
 FIELDS = (
     "mode",
