@@ -37,9 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="users per request")
-    parser.add_argument(
-        "--queries", type=int, default=40, help="timed requests per setting (after 3 warm-up, 1 for exhaustive)"
-    )
+    parser.add_argument("--queries", type=int, default=40, help="timed requests per setting (after warm-up)")
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument(
         "--table1-ef",
