@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "whose full epoch takes hours",
     )
     tr.add_argument(
+        "--optimizer",
+        choices=("lazy_adam", "adam"),
+        default="lazy_adam",
+        help="lazy_adam (default): Adam that updates only the embedding rows a batch touches, so a "
+        "step costs the same at any corpus size; adam: Keras' dense Adam, which rewrites every "
+        "embedding row each step (several times slower from about a million items)",
+    )
+    tr.add_argument(
         "--restart", action="store_true", help="discard the workdir's dataset and checkpoints and start over"
     )
     tr.add_argument(
@@ -309,6 +317,7 @@ def _train(args) -> int:
             seed=args.seed,
             checkpoint_every=args.checkpoint_every,
             examples_per_epoch=args.examples_per_epoch,
+            optimizer=args.optimizer,
         )
     except ValueError as e:
         raise NannError(str(e)) from e

@@ -11,7 +11,7 @@ import tensorflow as tf
 from model_export import cli, data
 from model_export.errors import ArtifactError, InputError
 from model_export.evaluate import EvalConfig, ExhaustiveSearcher, evaluate, load_workdir, recall_at_k
-from model_export.model import build_model, load_model_files
+from model_export.model import ModelConfig, build_model, load_model_files
 from model_export.synthetic import synthesize
 from model_export.train import TrainConfig, train
 
@@ -244,3 +244,59 @@ def test_examples_per_epoch_samples_distinct_training_positions(tiny_dataset):
         noise_distribution(tiny_dataset),
     )
     assert everything.examples_per_epoch == len(tiny_dataset.train_positions())
+
+
+def _two_lazy_and_dense_steps(rows_1, rows_2):
+    """Applies the same two gradients to a table with LazyAdam (sparse) and Keras' Adam (densified).
+
+    The reference gets the gradient as a dense tensor: Keras' Adam given IndexedSlices with a
+    repeated row squares each slice before summing them, which is not Adam's update.
+    """
+    import keras
+
+    from model_export.train import LazyAdam
+
+    start = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    tables = {}
+    for name, optimizer in (("lazy", LazyAdam(learning_rate=0.1)), ("dense", keras.optimizers.Adam(0.1))):
+        var = tf.Variable(start)
+        optimizer.build([var])
+        after = []
+        for rows in (rows_1, rows_2):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.gather(var, rows) ** 2)
+            grad = tape.gradient(loss, var)
+            assert isinstance(grad, tf.IndexedSlices)
+            optimizer.apply_gradients([(grad if name == "lazy" else tf.convert_to_tensor(grad), var)])
+            after.append(var.numpy().copy())
+        tables[name] = after
+    return start, tables
+
+
+def test_lazy_adam_updates_only_the_touched_rows():
+    # Row 1 is looked up twice in the first batch: its gradients must add up, as in Adam.
+    start, tables = _two_lazy_and_dense_steps(tf.constant([1, 1, 4]), tf.constant([2, 4]))
+    lazy, dense = tables["lazy"], tables["dense"]
+    # First step: Adam's moments of untouched rows are zero, so both agree everywhere (to float
+    # rounding; each step moves a row by about the learning rate, 0.1).
+    np.testing.assert_allclose(lazy[0], dense[0], atol=1e-5)
+    assert not np.allclose(lazy[0][[1, 4]], start[[1, 4]])
+    # Second step: rows 2 and 4 follow Adam; row 1 (not in this batch) stays put under
+    # LazyAdam while dense Adam keeps moving it on its decayed momentum.
+    np.testing.assert_allclose(lazy[1][[2, 4]], dense[1][[2, 4]], atol=1e-5)
+    np.testing.assert_array_equal(lazy[1][1], lazy[0][1])
+    assert not np.allclose(dense[1][1], dense[0][1])
+    np.testing.assert_array_equal(lazy[1][[0, 3, 5]], start[[0, 3, 5]])
+
+
+def test_embedding_tables_get_sparse_gradients(tiny_dataset):
+    # LazyAdam's saving depends on it: a dense gradient would make every step touch every row.
+    config = ModelConfig(num_items=tiny_dataset.num_items, num_categories=tiny_dataset.num_categories)
+    model = build_model(config, tiny_dataset.item_category)
+    with tf.GradientTape() as tape:
+        hist_e, mask = model.behaviour_embeddings(tf.constant([[0, 1, -1]]), training=True)
+        e = model.item_embeddings(tf.constant([2, 3]), training=True)
+        loss = tf.reduce_sum(model.score(model.user_state(hist_e, mask), e[None]))
+    tables = [model.item_table.embeddings, model.category_table.embeddings]
+    grads = tape.gradient(loss, tables)
+    assert all(isinstance(g, tf.IndexedSlices) for g in grads)
