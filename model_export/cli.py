@@ -208,6 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--k", type=_positive_int, default=200, help="top-k (default 200)")
     sw.add_argument("--split", choices=("test", "valid"), default="test")
     sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument(
+        "--beam-ef0",
+        type=_int_list,
+        default=None,
+        help="beam widths of layer 0 for beam (default 200,...,800)",
+    )
+    sw.add_argument(
+        "--beam-t0",
+        type=_int_list,
+        default=None,
+        help="most rounds T_0 on layer 0 for beam (default 1,2,3,5)",
+    )
+    sw.add_argument(
+        "--hnsw-ef0", type=_int_list, default=None, help="ef of layer 0 for hnsw (default 200,...,1600)"
+    )
 
     ex = sub.add_parser(
         "export",
@@ -357,7 +372,17 @@ def _evaluate(args) -> int:
 def _sweep(args) -> int:
     from model_export.sweep import sweep
 
-    sweep(args.workdir, args.out, users=args.users, k=args.k, split=args.split, seed=args.seed)
+    sweep(
+        args.workdir,
+        args.out,
+        users=args.users,
+        k=args.k,
+        split=args.split,
+        seed=args.seed,
+        beam_ef0=args.beam_ef0,
+        beam_t0=args.beam_t0,
+        hnsw_ef0=args.hnsw_ef0,
+    )
     return 0
 
 

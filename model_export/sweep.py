@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from model_export.errors import InputError
 from model_export.evaluate import Evaluation
 
 logger = logging.getLogger(__name__)
@@ -36,15 +37,23 @@ FIELDS = (
 )
 
 
-def settings(defaults_ef, defaults_steps, k: int, num_items: int):
+def settings(
+    defaults_ef,
+    defaults_steps,
+    k: int,
+    num_items: int,
+    beam_ef0=BEAM_EF0,
+    beam_t0=BEAM_T0,
+    hnsw_ef0=HNSW_EF0,
+):
     """(mode, ef, steps) of the sweep; the upper layers keep the export's defaults."""
     upper_ef, upper_steps = tuple(defaults_ef[:-1]), tuple(defaults_steps[:-1])
     out = []
-    for ef0 in BEAM_EF0:
-        for t0 in BEAM_T0:
+    for ef0 in beam_ef0:
+        for t0 in beam_t0:
             if k <= ef0 <= num_items:
                 out.append(("beam", (*upper_ef, ef0), (*upper_steps, t0)))
-    for ef0 in HNSW_EF0:
+    for ef0 in hnsw_ef0:
         if k <= ef0 <= num_items:
             out.append(("hnsw", (*upper_ef, ef0), tuple(defaults_steps)))
     return out
@@ -92,16 +101,32 @@ def sweep(
     k: int = 200,
     split: str = "test",
     seed: int = 0,
+    beam_ef0: tuple[int, ...] | None = None,
+    beam_t0: tuple[int, ...] | None = None,
+    hnsw_ef0: tuple[int, ...] | None = None,
 ) -> list[dict]:
-    """Runs the grid and writes CSV, JSON and PNG; returns the rows."""
+    """Runs the grid (the module's defaults where a grid is None) and writes CSV, JSON and PNG."""
     evaluation = Evaluation(workdir, split, users, seed)
     evaluation.saved_model()
     params = evaluation.export_meta["params"]
+    grid = settings(
+        params["ef"],
+        params["steps"],
+        k,
+        evaluation.dataset.num_items,
+        beam_ef0 or BEAM_EF0,
+        beam_t0 or BEAM_T0,
+        hnsw_ef0 or HNSW_EF0,
+    )
+    if not grid:
+        raise InputError(
+            f"no grid point has k <= ef_0 <= items ({k} <= ef_0 <= {evaluation.dataset.num_items})"
+        )
     out = Path(out) if out else Path(workdir) / "eval" / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     evaluation.reference(k)
     rows = []
-    for mode, ef, steps in settings(params["ef"], params["steps"], k, evaluation.dataset.num_items):
+    for mode, ef, steps in grid:
         result = evaluation.metrics(mode, k, ef, steps, progress=False)
         rows.append(result)
         logger.info(

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from index_builder.build import BuildConfig, build_index
 from model_export import data
+from model_export.errors import InputError
 from model_export.evaluate import Evaluation
 from model_export.export import ExportConfig, RetrievalModule, export
 from model_export.synthetic import synthesize
@@ -186,13 +187,10 @@ def test_export_versions_and_provenance(workdir):
     assert set(meta["inputs"]) == {"model", "embeddings", "index"}
 
 
-def test_sweep_writes_plot_and_numbers(workdir, tmp_path, monkeypatch):
+def test_sweep_writes_plot_and_numbers(workdir, tmp_path):
     from model_export import sweep
 
-    monkeypatch.setattr(sweep, "BEAM_EF0", (20, 40))
-    monkeypatch.setattr(sweep, "BEAM_T0", (1, 2))
-    monkeypatch.setattr(sweep, "HNSW_EF0", (20, 40))
-    rows = sweep.sweep(workdir, tmp_path, k=10)
+    rows = sweep.sweep(workdir, tmp_path, k=10, beam_ef0=(20, 40), beam_t0=(1, 2), hnsw_ef0=(20, 40))
     assert [r["mode"] for r in rows] == ["beam"] * 4 + ["hnsw"] * 2
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (tmp_path / "sweep.csv").read_text().splitlines()
@@ -200,3 +198,10 @@ def test_sweep_writes_plot_and_numbers(workdir, tmp_path, monkeypatch):
     # More rounds never find less: T_0 = 2 covers at least what T_0 = 1 does at the same ef.
     beam = {(tuple(r["ef"]), tuple(r["steps"])): r["coverage"] for r in rows if r["mode"] == "beam"}
     assert beam[((20, 40), (1, 2))] >= beam[((20, 40), (1, 1))]
+
+
+def test_sweep_refuses_a_grid_with_no_valid_point(workdir, tmp_path):
+    from model_export import sweep
+
+    with pytest.raises(InputError, match="no grid point"):
+        sweep.sweep(workdir, tmp_path, k=10, beam_ef0=(5,), hnsw_ef0=(5,))

@@ -1,0 +1,99 @@
+"""Training step time against corpus size: LazyAdam vs Keras' dense Adam.
+
+Times the real train step (din, sampled softmax with 199 noise labels, FGSM) on
+random batches of 128 for each corpus size and optimizer, each in a fresh
+model, and reports the median step. With dense Adam the step grows with the
+number of items (every row of the id table and its moments is rewritten each
+step); with LazyAdam it should not.
+
+    python benchmarks/train_step.py --items 50000 1365188 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from model_export.model import ModelConfig, build_model  # noqa: E402
+from model_export.train import OPTIMIZERS, make_optimizer, make_train_step  # noqa: E402
+
+
+def time_steps(items: int, optimizer: str, arch: str, fgsm_eps: float, steps: int, batch: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    categories = 5000
+    model = build_model(ModelConfig(items, categories, arch=arch), rng.integers(0, categories, items))
+    opt = make_optimizer(optimizer, 3e-3)
+    opt.build(model.trainable_variables)
+    log_q = tf.constant(np.full(items, -np.log(items)), tf.float32)
+    step = make_train_step(model, opt, log_q, fgsm_eps, 50, 199)
+
+    def random_batch():
+        return (
+            tf.constant(rng.integers(0, items, (batch, 50)), tf.int32),
+            tf.constant(rng.integers(0, items, batch), tf.int32),
+            tf.constant(rng.integers(0, items, 199), tf.int32),
+        )
+
+    step(*random_batch())  # tracing
+    times = []
+    for _ in range(steps):
+        b = random_batch()
+        started = time.perf_counter()
+        [float(x) for x in step(*b)]
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, nargs="+", default=[50_000, 1_365_188])
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--arch", default="din", choices=("din", "dnn", "two_sided"))
+    parser.add_argument("--fgsm-eps", type=float, default=3e-4)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per setting (after one warm-up)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    rows = []
+    for items in args.items:
+        for optimizer in args.optimizers:
+            times = time_steps(items, optimizer, args.arch, args.fgsm_eps, args.steps, args.batch_size)
+            median = float(np.median(times))
+            rows.append(
+                {
+                    "items": items,
+                    "optimizer": optimizer,
+                    "median_step_ms": round(1000 * median, 1),
+                    "examples_per_second": round(args.batch_size / median, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
+        "arch": args.arch,
+        "fgsm_eps": args.fgsm_eps,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
+    out = ROOT / "benchmarks" / "results" / f"train_step_{args.arch}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
