@@ -1,6 +1,7 @@
 """Command line of the index builder.
 
     python -m index_builder --workdir DIR [--m 32] [--ef-construction 40] [--threads N] [--seed 0]
+                           [--layer0-degree 16]
 
 Bad flags and a missing or damaged embeddings artifact are reported as one line
 on stderr with exit code 2; anything else is a bug and keeps its traceback.
@@ -79,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the level generator (default 0)",
     )
+    parser.add_argument(
+        "--layer0-degree",
+        metavar="D",
+        type=_int_at_least(0),
+        default=None,
+        help="top every layer-0 node up to D links with its nearest neighbours after the build "
+        "(default min(16, 2*M), at most 2*M; 0 keeps hnswlib's graph as built). hnswlib's pruning leaves "
+        "clustered e_v with about 11 links per node, too few for the neural scorer's walk",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -92,8 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = BuildConfig(
-            m=args.m, ef_construction=args.ef_construction, threads=args.threads, seed=args.seed
+            m=args.m,
+            ef_construction=args.ef_construction,
+            threads=args.threads,
+            seed=args.seed,
+            layer0_degree=args.layer0_degree,
         )
+    except ValueError as e:
+        print(f"error: {str(e).replace('layer0_degree', '--layer0-degree')} (see --help)", file=sys.stderr)
+        return 2
+    try:
         build_index(args.workdir, config)
     except NannError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -244,14 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--ef",
         type=_int_list,
-        default=(100, 200, 400),
-        help="default beam widths, top-down to layer 0 (default 100,200,400)",
+        default=(1000, 800, 400),
+        help="default beam widths, top-down to layer 0 (default 1000,800,400; the paper's are "
+        "100,200,400)",
     )
     ex.add_argument(
         "--steps",
         type=_int_list,
-        default=(1, 1, 3),
-        help="default rounds T per layer, top-down (default 1,1,3)",
+        default=(1, 3, 10),
+        help="default most rounds T per layer, top-down (default 1,3,10; the paper's are 1,1,3); "
+        "each layer's loop stops early once no new item enters the beam",
     )
     return parser
 

@@ -180,7 +180,9 @@ def search_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef, steps, m
     marker = _marker(marking, batch, graph.num_items)
     w_ids, w_s = _fit_width(ep_ids, ep_scores, ef)
     visited = marker.init(ep_ids)
-    cand = w_ids
+    # Algorithm 2 expands every entry point (C = ep), also when there are more than ef of them;
+    # W may be cut to ef at once, as no entry point beyond the best ef can enter the beam.
+    cand = ep_ids
     scored = tf.zeros([batch], tf.int32)
 
     def cond(t, w_ids, w_s, cand, visited, scored):
@@ -208,7 +210,7 @@ def search_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef, steps, m
             tf.TensorShape([]),
             w_ids.shape,
             w_s.shape,
-            cand.shape,
+            tf.TensorShape([None, None]),
             marker.shape(),
             tf.TensorShape([None]),
         ],
