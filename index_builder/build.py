@@ -221,7 +221,7 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def log_layers(stats: list[dict], m: int) -> None:
+def log_layers(stats: list[dict], m: int, filled: bool = False) -> None:
     """Logs each layer's size and degree against its capacity (2M on layer 0, M above)."""
     for s in stats:
         capacity = 2 * m if s["layer"] == 0 else m
@@ -235,11 +235,11 @@ def log_layers(stats: list[dict], m: int) -> None:
             s["max_degree"],
             s["no_in_links"],
         )
-    if stats and stats[0]["mean_degree"] < 0.5 * 2 * m and stats[0]["nodes"] > 2 * m:
+    if stats and stats[0]["mean_degree"] < 0.5 * 2 * m and stats[0]["nodes"] > 2 * m and not filled:
         logger.info(
             "layer 0 fills under half of its %d link slots: hnswlib's neighbour-selection heuristic "
             "drops a link when a closer neighbour already covers its direction, which dense clusters "
-            "make common; each expansion of layer 0 offers that many fewer candidates",
+            "make common; each expansion of layer 0 offers that many fewer candidates (see --layer0-degree)",
             2 * m,
         )
 
@@ -293,7 +293,7 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
     del index, vectors  # free hnswlib's memory before writing
     gc.collect()
     stats = graph.layer_stats()
-    log_layers(stats, config.m)
+    log_layers(stats, config.m, filled=bool(config.layer0_degree))
 
     params = {
         "m": config.m,

@@ -15,7 +15,7 @@ from model_export.model import ModelConfig, build_model, load_model_files
 from model_export.synthetic import synthesize
 from model_export.train import TrainConfig, train
 
-TINY = TrainConfig(arch="din", epochs=2, batch_size=64, negatives=49, checkpoint_every=40, seed=3)
+TINY = TrainConfig(arch="din", epochs=3, batch_size=64, negatives=49, checkpoint_every=40, seed=3)
 
 
 @pytest.fixture(scope="module")
