@@ -245,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ef",
         type=_int_list,
         default=(1000, 800, 400),
-        help="default beam widths, top-down to layer 0 (default 1000,800,400; the paper's are "
-        "100,200,400)",
+        help="default beam widths, top-down to layer 0 (default 1000,800,400; the paper's are 100,200,400)",
     )
     ex.add_argument(
         "--steps",
