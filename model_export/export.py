@@ -45,8 +45,6 @@ MODES = ("beam", "beam_sets", "hnsw", "exhaustive")
 # about 0.47: the walk converges early around its 100 seeds. Seeding from 1,000 start-layer
 # nodes, a wider layer-1 beam and more rounds (a layer's loop stops early once nothing new
 # enters the beam) reach about 0.95 at under 2% of the corpus scored (README, Benchmarks).
-PAPER_EF = (100, 200, 400)
-PAPER_STEPS = (1, 1, 3)
 DEFAULT_EF = (1000, 800, 400)
 DEFAULT_STEPS = (1, 3, 10)
 DEFAULT_K = 200

@@ -249,8 +249,8 @@ def exhaustive_retrieval(score_fn, item_e, batch, k, chunk: int = 8192):
 
     Returns (ids [B, k], scores [B, k], items scored per user [B]).
     """
-    # One dense read for the whole loop: slicing the variable in every chunk re-reads all of it,
-    # and once sparse reads (the graph walks' gathers) have touched it each read is a full copy.
+    # One dense read for the whole loop instead of one per chunk: slicing the variable in every
+    # chunk made a batch-1 query at 1.37M items take 71 s after beam queries, 4.4 s with this read.
     item_e = tf.convert_to_tensor(item_e)
     num_items = tf.shape(item_e)[0]
     num_chunks = (num_items + chunk - 1) // chunk
