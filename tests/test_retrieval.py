@@ -142,3 +142,28 @@ def test_default_start_layer_follows_the_corpus_share():
     # Small corpora start lower: layer 1 needs at least ef_1 nodes.
     assert retrieval.default_start_layer([5_000, 150, 5], [400, 200, 100], 5_000) == 0
     assert retrieval.default_start_layer([20_000, 620, 20], [400, 200, 100], 20_000) == 1
+
+
+@pytest.mark.parametrize("marking", retrieval.MARKINGS)
+def test_every_entry_point_is_expanded_even_beyond_ef(marking):
+    # Algorithm 2 starts with C = ep: the entry points handed down from the layer above are all
+    # expanded, also those that fall outside this layer's beam of ef. Item 1 (score 1) is the
+    # second entry point with ef = 1; only its neighbour, item 4 (score 10), is the best item.
+    scores = np.array([5.0, 1.0, 0.0, 0.0, 10.0], np.float32)
+    item_e = tf.constant(scores[:, None])
+    neighbors = np.array([[2], [4], [0], [0], [1]], np.int32)
+    graph = retrieval.GraphTensors([np.arange(5, dtype=np.int32)], [neighbors], entry_point=0)
+    ids, top, scored = retrieval.search_layer(
+        graph,
+        0,
+        lambda cand: cand[..., 0],
+        item_e,
+        tf.constant([[0, 1]]),
+        tf.constant(scores[None, :2]),
+        ef=1,
+        steps=1,
+        marking=marking,
+    )
+    assert ids.numpy().tolist() == [[4]]
+    assert top.numpy().tolist() == [[10.0]]
+    assert scored.numpy().tolist() == [2]  # items 2 and 4: the entry points are not scored again
