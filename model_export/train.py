@@ -32,6 +32,7 @@ from model_export.model import ModelConfig, NannModel, build_model, save_model_f
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("lazy_adam", "adam")
+PROGRESS_LOG_SECONDS = 60  # without a terminal (tqdm disabled), training logs its progress this often
 
 
 class LazyAdam(keras.optimizers.Adam):
@@ -308,7 +309,7 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
             unit="batch",
             disable=None,
         )
-        started = time.perf_counter()
+        started = last_log = time.perf_counter()
         epoch_examples = 0
         for i, (hist, pos, neg) in enumerate(batches.tf_dataset(epoch, first), start=first):
             loss = [float(x) for x in step(hist, pos, neg)]
@@ -325,6 +326,16 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
                 manager.save(checkpoint_number=global_step)
             bar.set_postfix(loss=f"{loss[0]:.3f}", aux=f"{loss[2]:.2e}")
             bar.update(1)
+            if bar.disable and time.perf_counter() - last_log >= PROGRESS_LOG_SECONDS:
+                last_log = time.perf_counter()
+                logger.info(  # no terminal, no bar: a log line once a minute instead
+                    "epoch %d: batch %d/%d, loss %.4f, %.0f examples/s",
+                    epoch + 1,
+                    i + 1,
+                    batches.batches_per_epoch,
+                    loss[0],
+                    epoch_examples / (last_log - started),
+                )
         bar.close()
         elapsed = time.perf_counter() - started
         examples += epoch_examples

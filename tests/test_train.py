@@ -300,3 +300,13 @@ def test_embedding_tables_get_sparse_gradients(tiny_dataset):
     tables = [model.item_table.embeddings, model.category_table.embeddings]
     grads = tape.gradient(loss, tables)
     assert all(isinstance(g, tf.IndexedSlices) for g in grads)
+
+
+def test_training_without_a_terminal_logs_its_progress(tiny_dataset, tmp_path, caplog, monkeypatch):
+    # Under nohup or a scheduler tqdm draws nothing; the log then says how far training got.
+    monkeypatch.setattr("model_export.train.PROGRESS_LOG_SECONDS", 0)
+    config = TrainConfig(**{**TINY.__dict__, "epochs": 1, "examples_per_epoch": 128})
+    with caplog.at_level(logging.INFO, logger="model_export.train"):
+        train(tiny_dataset, _workdir_with_dataset(tmp_path, tiny_dataset), config)
+    assert "epoch 1: batch 1/2, loss" in caplog.text
+    assert "epoch 1: batch 2/2, loss" in caplog.text
