@@ -31,6 +31,7 @@ SPACE = "l2"
 EMBEDDINGS_FILE = "item_embeddings.npy"
 ITEM_IDS_FILE = "item_ids.npy"
 DEFAULT_LAYER0_DEGREE = 16
+DEFAULT_LAYER0_IN_DEGREE = 8
 MAX_M = 1024  # hnswlib stores a layer-0 degree (up to 2M) in 16 bits
 
 
@@ -46,6 +47,9 @@ class BuildConfig:
       layer0_degree: after the build, layer-0 nodes with fewer links are topped up to this
         many with their nearest neighbours (hnswlib's own links first); 0 keeps hnswlib's
         graph as built; None: min(16, 2 * m). See :func:`fill_layer0`.
+      layer0_in_degree: then layer-0 nodes with fewer in-links get reverse links from their
+        own neighbours, up to this many where lists have room (2 * m); 0 adds none; None:
+        min(DEFAULT_LAYER0_IN_DEGREE, 2 * m). See :func:`add_in_links`.
     """
 
     m: int = 32
@@ -53,6 +57,7 @@ class BuildConfig:
     threads: int = 1
     seed: int = 0
     layer0_degree: int | None = None
+    layer0_in_degree: int | None = None
 
     def __post_init__(self):
         if not 2 <= self.m <= MAX_M:
@@ -67,6 +72,12 @@ class BuildConfig:
             object.__setattr__(self, "layer0_degree", min(DEFAULT_LAYER0_DEGREE, 2 * self.m))
         if not 0 <= self.layer0_degree <= 2 * self.m:
             raise ValueError(f"layer0_degree must be in 0..2*m = 0..{2 * self.m}, got {self.layer0_degree}")
+        if self.layer0_in_degree is None:
+            object.__setattr__(self, "layer0_in_degree", min(DEFAULT_LAYER0_IN_DEGREE, 2 * self.m))
+        if not 0 <= self.layer0_in_degree <= 2 * self.m:
+            raise ValueError(
+                f"layer0_in_degree must be in 0..2*m = 0..{2 * self.m}, got {self.layer0_in_degree}"
+            )
 
 
 def load_embeddings(directory: str | Path) -> tuple[np.ndarray, dict]:
@@ -212,6 +223,51 @@ def fill_layer0(graph: Graph, index, vectors: np.ndarray, degree: int, threads: 
     return filled, added
 
 
+def add_in_links(neighbors: np.ndarray, min_in: int, cap: int) -> tuple[np.ndarray, int]:
+    """Gives layer-0 nodes with fewer than ``min_in`` in-links more, by reverse links.
+
+    A walk reaches a node only through a link that points to it. Under l2 the nodes on
+    the rim of a cluster (large ||e_v||, where a scorer's top items often lie) are
+    rarely anyone's nearest neighbour, so they have few in-links. Each such node u is
+    appended to the lists of its own neighbours v, in u's list order, until it has
+    ``min_in`` in-links; a v that already links to u or already holds ``cap`` links is
+    skipped. Existing lists keep their order; links are only appended.
+
+    Args:
+      neighbors: int32 [N, d] layer-0 lists (row = label), -1 padded.
+      min_in: the in-degree to reach where room allows.
+      cap: most links per list (2M, hnswlib's layer-0 limit).
+    Returns:
+      (int32 [N, d'] lists, d' <= cap, -1 padded; number of links added).
+    """
+    n, width = neighbors.shape
+    out = _pad(neighbors, max(cap, width))
+    fill = (out >= 0).sum(axis=1)
+    need = np.maximum(min_in - np.bincount(out[out >= 0], minlength=n), 0)
+    added = 0
+    for j in range(width):  # u's j-th neighbour gets a link back to u
+        u = np.flatnonzero(need > 0)
+        v = neighbors[u, j].astype(np.int64)
+        keep = v >= 0
+        u, v = u[keep], v[keep]
+        keep = (fill[v] < cap) & ~(out[v] == u[:, None]).any(axis=1)
+        u, v = u[keep], v[keep]
+        if not len(u):
+            continue
+        order = np.argsort(v, kind="stable")  # several u may append to one v in a pass
+        u, v = u[order], v[order]
+        first = np.r_[True, v[1:] != v[:-1]]
+        rank = np.arange(len(v)) - np.maximum.accumulate(np.where(first, np.arange(len(v)), 0))
+        slot = fill[v] + rank
+        keep = slot < cap
+        u, v, slot = u[keep], v[keep], slot[keep]
+        out[v, slot] = u
+        fill += np.bincount(v, minlength=n)
+        need[u] -= 1
+        added += len(u)
+    return out[:, : max(1, int(fill.max()))].astype(np.int32), added
+
+
 def _pad(a: np.ndarray, width: int) -> np.ndarray:
     return np.pad(a, [(0, 0), (0, max(0, width - a.shape[1]))], constant_values=-1)[:, :width]
 
@@ -226,13 +282,15 @@ def log_layers(stats: list[dict], m: int, filled: bool = False) -> None:
     for s in stats:
         capacity = 2 * m if s["layer"] == 0 else m
         logger.info(
-            "layer %d: %d nodes, mean degree %.2f of %d allowed (%.0f%%), max %d, %d without in-links",
+            "layer %d: %d nodes, mean degree %.2f of %d allowed (%.0f%%), max %d, "
+            "in-links median %g, %d without any",
             s["layer"],
             s["nodes"],
             s["mean_degree"],
             capacity,
             100 * s["mean_degree"] / capacity,
             s["max_degree"],
+            s["median_in_degree"],
             s["no_in_links"],
         )
     if stats and stats[0]["mean_degree"] < 0.5 * 2 * m and stats[0]["nodes"] > 2 * m and not filled:
@@ -292,6 +350,23 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
         )
     del index, vectors  # free hnswlib's memory before writing
     gc.collect()
+    in_added = 0
+    if config.layer0_in_degree:
+        started = time.perf_counter()
+        low_before = int((graph.in_degrees(0) < config.layer0_in_degree).sum())
+        layer0, in_added = add_in_links(graph.neighbors[0], config.layer0_in_degree, 2 * config.m)
+        graph = dataclasses.replace(graph, neighbors=(layer0, *graph.neighbors[1:]))
+        graph.validate()
+        in_seconds = time.perf_counter() - started
+        logger.info(
+            "layer 0: %d reverse links added in %.1f s; nodes with fewer than %d in-links: %d -> %d",
+            in_added,
+            in_seconds,
+            config.layer0_in_degree,
+            low_before,
+            int((graph.in_degrees(0) < config.layer0_in_degree).sum()),
+        )
+        fill_seconds += in_seconds
     stats = graph.layer_stats()
     log_layers(stats, config.m, filled=bool(config.layer0_degree))
 
@@ -301,6 +376,7 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
         "threads": config.threads,
         "seed": config.seed,
         "layer0_degree": config.layer0_degree,
+        "layer0_in_degree": config.layer0_in_degree,
         "space": SPACE,
         "dim": dim,
     }
@@ -315,6 +391,7 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
             "extract_seconds": round(extract_seconds, 2),
             "layer0_fill_seconds": round(fill_seconds, 2),
             "layer0_links_added": added,
+            "layer0_in_links_added": in_added,
             "hnswlib_layer0_mean_degree": hnsw_stats[0]["mean_degree"],
             "peak_rss_mib": peak_rss_mib(),
             "reproducible": config.threads == 1,

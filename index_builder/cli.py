@@ -1,7 +1,7 @@
 """Command line of the index builder.
 
     python -m index_builder --workdir DIR [--m 32] [--ef-construction 40] [--threads N] [--seed 0]
-                           [--layer0-degree 16]
+                           [--layer0-degree 16] [--layer0-in-degree 8]
 
 Bad flags and a missing or damaged embeddings artifact are reported as one line
 on stderr with exit code 2; anything else is a bug and keeps its traceback.
@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default min(16, 2*M), at most 2*M; 0 keeps hnswlib's graph as built). hnswlib's pruning leaves "
         "clustered e_v with about 11 links per node, too few for the neural scorer's walk",
     )
+    parser.add_argument(
+        "--layer0-in-degree",
+        metavar="R",
+        type=_int_at_least(0),
+        default=None,
+        help="then give every layer-0 node with fewer than R in-links reverse links from its own "
+        "neighbours, where their lists have room (default min(8, 2*M); 0 adds none). Items on the rim "
+        "of a cluster, where the scorer's top items often lie, are rarely anyone's nearest neighbour",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -107,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             seed=args.seed,
             layer0_degree=args.layer0_degree,
+            layer0_in_degree=args.layer0_in_degree,
         )
     except ValueError as e:
-        print(f"error: {str(e).replace('layer0_degree', '--layer0-degree')} (see --help)", file=sys.stderr)
+        message = (
+            str(e)
+            .replace("layer0_degree", "--layer0-degree")
+            .replace("layer0_in_degree", "--layer0-in-degree")
+        )
+        print(f"error: {message} (see --help)", file=sys.stderr)
         return 2
     try:
         build_index(args.workdir, config)

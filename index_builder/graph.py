@@ -58,6 +58,11 @@ class Graph:
         """Number of neighbours of each node of ``layer``, in the order of ``nodes[layer]``."""
         return (self.neighbors[layer] >= 0).sum(axis=1)
 
+    def in_degrees(self, layer: int) -> np.ndarray:
+        """Number of links pointing to each node of ``layer``, in the order of ``nodes[layer]``."""
+        nbrs = self.neighbors[layer]
+        return np.bincount(nbrs[nbrs >= 0], minlength=self.num_items)[self.nodes[layer]]
+
     def positions(self, layer: int) -> np.ndarray:
         """Dense label -> row map of ``layer``: int32 [N], -1 for items absent from it."""
         pos = np.full(self.num_items, -1, np.int32)
@@ -71,17 +76,17 @@ class Graph:
         says how much of a layer the search can never reach.
         """
         stats = []
-        for layer, (nodes, nbrs) in enumerate(zip(self.nodes, self.neighbors, strict=True)):
+        for layer, nodes in enumerate(self.nodes):
             deg = self.degrees(layer)
-            linked = np.zeros(self.num_items, bool)
-            linked[nbrs[nbrs >= 0]] = True
+            in_deg = self.in_degrees(layer)
             stats.append(
                 {
                     "layer": layer,
                     "nodes": int(len(nodes)),
                     "mean_degree": round(float(deg.mean()), 3) if len(nodes) else 0.0,
                     "max_degree": int(deg.max()) if len(nodes) else 0,
-                    "no_in_links": int(len(nodes) - linked[nodes].sum()),
+                    "no_in_links": int((in_deg == 0).sum()),
+                    "median_in_degree": float(np.median(in_deg)) if len(nodes) else 0.0,
                 }
             )
         return stats

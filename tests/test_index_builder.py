@@ -251,6 +251,7 @@ def test_cli_round_trip(workdir, caplog):
         "threads": 1,
         "seed": 3,
         "layer0_degree": 2 * M,
+        "layer0_in_degree": 8,
         "space": "l2",
         "dim": DIM,
     }
@@ -268,9 +269,10 @@ def test_cli_round_trip(workdir, caplog):
 def test_layer0_fill_keeps_hnswlib_links_and_adds_nearest_neighbours(workdir):
     path, _ = workdir
     vectors = np.load(path / "embeddings" / build.EMBEDDINGS_FILE)
-    assert run_cli("--workdir", str(path), "--m", str(M), "--layer0-degree", "0") == 0
+    flags = ("--workdir", str(path), "--m", str(M), "--layer0-in-degree", "0")
+    assert run_cli(*flags, "--layer0-degree", "0") == 0
     plain = load_graph(path / "index")
-    assert run_cli("--workdir", str(path), "--m", str(M), "--layer0-degree", "12") == 0
+    assert run_cli(*flags, "--layer0-degree", "12") == 0
     filled = load_graph(path / "index")
     assert filled.meta["params"]["layer0_degree"] == 12
     # Upper layers untouched; every layer-0 node has at least 12 links.
@@ -291,11 +293,43 @@ def test_layer0_fill_keeps_hnswlib_links_and_adds_nearest_neighbours(workdir):
         assert set(added.tolist()) <= set(np.argsort(d2[node])[:14].tolist())
 
 
+def test_reverse_links_give_rim_nodes_in_links_from_their_own_neighbours(workdir):
+    path, _ = workdir
+    flags = ("--workdir", str(path), "--m", str(M), "--layer0-degree", "12")
+    assert run_cli(*flags, "--layer0-in-degree", "0") == 0
+    filled = load_graph(path / "index")
+    assert run_cli(*flags, "--layer0-in-degree", "10") == 0
+    linked = load_graph(path / "index")
+    assert linked.meta["params"]["layer0_in_degree"] == 10 and linked.meta["layer0_in_links_added"] > 0
+    for a, b in zip(filled.neighbors[1:], linked.neighbors[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (filled.in_degrees(0) < 10).sum() > 0
+    old_in = filled.in_degrees(0)
+    new_in = linked.in_degrees(0)
+    assert linked.degrees(0).max() <= 2 * M
+    for node in range(linked.num_items):
+        old = filled.neighbors[0][node][filled.neighbors[0][node] >= 0]
+        new = linked.neighbors[0][node][linked.neighbors[0][node] >= 0]
+        np.testing.assert_array_equal(new[: len(old)], old)  # links are only appended
+        assert len(set(new.tolist())) == len(new) and node not in new
+        # A link v -> u is added only back along u -> v, and only for u that lacked in-links.
+        for u in new[len(old) :]:
+            assert node in filled.neighbors[0][u] and old_in[u] < 10
+    # Every node reached 10 in-links, unless each of its own neighbours links to it or is full.
+    for u in np.flatnonzero(new_in < 10):
+        for v in filled.neighbors[0][u][filled.neighbors[0][u] >= 0]:
+            assert u in linked.neighbors[0][v] or linked.degrees(0)[v] == 2 * M
+    assert new_in.min() >= min(old_in.min(), 1)
+
+
 def test_layer0_degree_above_2m_is_one_clear_line(workdir, capsys):
     path, _ = workdir
     assert run_cli("--workdir", str(path), "--m", "4", "--layer0-degree", "9") == 2
     err = capsys.readouterr().err
     assert "error: --layer0-degree must be in 0..2*m = 0..8, got 9" in err
+    assert not (path / "index").exists()
+    assert run_cli("--workdir", str(path), "--m", "4", "--layer0-in-degree", "9") == 2
+    assert "error: --layer0-in-degree must be in 0..2*m = 0..8, got 9" in capsys.readouterr().err
     assert not (path / "index").exists()
 
 
