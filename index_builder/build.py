@@ -22,6 +22,7 @@ import numpy as np
 
 from index_builder.graph import KIND, Graph, save_graph
 from index_builder.hnsw_state import graph_from_state
+from index_builder.refine import add_in_links, cover_layer, fill_layer0
 from model_export import artifacts
 from model_export.errors import ArtifactError
 
@@ -32,6 +33,11 @@ EMBEDDINGS_FILE = "item_embeddings.npy"
 ITEM_IDS_FILE = "item_ids.npy"
 DEFAULT_LAYER0_DEGREE = 16
 DEFAULT_LAYER0_IN_DEGREE = 8
+# The exporter starts Beam-retrieval from the highest layer holding at least N / START_SHARE
+# nodes (model_export.retrieval.default_start_layer); that is the layer cover_layer tops up,
+# by default to N / COVER_SHARE nodes.
+START_SHARE = 2000
+COVER_SHARE = 400
 MAX_M = 1024  # hnswlib stores a layer-0 degree (up to 2M) in 16 bits
 
 
@@ -50,6 +56,9 @@ class BuildConfig:
       layer0_in_degree: then layer-0 nodes with fewer in-links get reverse links from their
         own neighbours, up to this many where lists have room (2 * m); 0 adds none; None:
         min(DEFAULT_LAYER0_IN_DEGREE, 2 * m). See :func:`add_in_links`.
+      start_nodes: the start layer (the highest with at least N / 2000 nodes) is topped up to
+        this many nodes by farthest-point sampling of the layer below; 0 keeps hnswlib's
+        levels; None: N / 400. See :func:`cover_layer`.
     """
 
     m: int = 32
@@ -58,6 +67,7 @@ class BuildConfig:
     seed: int = 0
     layer0_degree: int | None = None
     layer0_in_degree: int | None = None
+    start_nodes: int | None = None
 
     def __post_init__(self):
         if not 2 <= self.m <= MAX_M:
@@ -78,6 +88,16 @@ class BuildConfig:
             raise ValueError(
                 f"layer0_in_degree must be in 0..2*m = 0..{2 * self.m}, got {self.layer0_in_degree}"
             )
+        if self.start_nodes is not None and self.start_nodes < 0:
+            raise ValueError(f"start_nodes must be >= 0, got {self.start_nodes}")
+
+
+def start_layer(layer_sizes: list[int], num_items: int) -> int:
+    """The highest layer above 0 holding at least N / START_SHARE nodes (0 if none)."""
+    for layer in range(len(layer_sizes) - 1, 0, -1):
+        if layer_sizes[layer] >= num_items / START_SHARE:
+            return layer
+    return 0
 
 
 def load_embeddings(directory: str | Path) -> tuple[np.ndarray, dict]:
@@ -164,114 +184,6 @@ def extract_graph(index) -> Graph:
     return graph_from_state(index.__getstate__()[0])
 
 
-def _ordered_union(first: np.ndarray, then: np.ndarray, width: int) -> np.ndarray:
-    """Per row: the labels of ``first``, then those of ``then`` not seen yet, cut to ``width``.
-
-    Both are int [rows, *] padded with -1; the result is int32 [rows, width], -1 padded.
-    """
-    cand = np.concatenate([first, then], axis=1).astype(np.int64)
-    key = np.where(cand < 0, np.iinfo(np.int64).max, cand)
-    order = np.argsort(key, axis=1, kind="stable")  # equal labels keep their column order
-    sorted_key = np.take_along_axis(key, order, axis=1)
-    repeat = np.zeros_like(sorted_key, bool)
-    repeat[:, 1:] = sorted_key[:, 1:] == sorted_key[:, :-1]
-    drop = np.zeros_like(repeat)
-    np.put_along_axis(drop, order, repeat, axis=1)
-    cand[drop] = -1
-    keep = np.argsort(cand < 0, axis=1, kind="stable")  # valid labels first, in their order
-    return np.take_along_axis(cand, keep, axis=1)[:, :width].astype(np.int32)
-
-
-def fill_layer0(graph: Graph, index, vectors: np.ndarray, degree: int, threads: int, chunk: int = 100_000):
-    """Tops every layer-0 list up to ``degree`` links with the node's nearest neighbours.
-
-    hnswlib's neighbour selection drops a candidate that lies closer to an already kept
-    neighbour than to the node. On clustered e_v that leaves most nodes with a handful
-    of links (mean 11 of 64 at 1.37M items), which suits greedy l2 search but starves a
-    walk guided by a different function, the neural scorer: it needs more ways out of
-    each node. Each node keeps hnswlib's links, in their order, followed by its nearest
-    neighbours (``knn_query``, ef = max(2 * degree, 64)) that are not links yet. Upper
-    layers are unchanged.
-
-    Returns:
-      (the graph with the new layer 0, number of links added).
-    """
-    n = graph.num_items
-    k = min(degree + 1, n)
-    index.set_ef(max(2 * degree, 64))
-    old = graph.neighbors[0]
-    width = max(degree, old.shape[1])
-    rows = []
-    started = time.perf_counter()
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        labels, _ = index.knn_query(
-            np.ascontiguousarray(vectors[start:stop], np.float32), k=k, num_threads=threads
-        )
-        labels = labels.astype(np.int64)
-        labels[labels == np.arange(start, stop)[:, None]] = -1  # a node is not its own neighbour
-        merged = _ordered_union(old[start:stop], labels, width)
-        # Nodes with at least `degree` links keep exactly hnswlib's list; the others stop at `degree`.
-        have = (old[start:stop] >= 0).sum(axis=1)
-        merged[:, degree:] = np.where((have >= degree)[:, None], _pad(old[start:stop], width)[:, degree:], -1)
-        rows.append(merged)
-        logger.info("layer-0 fill: %d/%d nodes in %.0f s", stop, n, time.perf_counter() - started)
-    neighbors = np.concatenate(rows)
-    added = int((neighbors >= 0).sum() - (old >= 0).sum())
-    filled = dataclasses.replace(graph, neighbors=(neighbors, *graph.neighbors[1:]))
-    filled.validate()
-    return filled, added
-
-
-def add_in_links(neighbors: np.ndarray, min_in: int, cap: int) -> tuple[np.ndarray, int]:
-    """Gives layer-0 nodes with fewer than ``min_in`` in-links more, by reverse links.
-
-    A walk reaches a node only through a link that points to it. Under l2 the nodes on
-    the rim of a cluster (large ||e_v||, where a scorer's top items often lie) are
-    rarely anyone's nearest neighbour, so they have few in-links. Each such node u is
-    appended to the lists of its own neighbours v, in u's list order, until it has
-    ``min_in`` in-links; a v that already links to u or already holds ``cap`` links is
-    skipped. Existing lists keep their order; links are only appended.
-
-    Args:
-      neighbors: int32 [N, d] layer-0 lists (row = label), -1 padded.
-      min_in: the in-degree to reach where room allows.
-      cap: most links per list (2M, hnswlib's layer-0 limit).
-    Returns:
-      (int32 [N, d'] lists, d' <= cap, -1 padded; number of links added).
-    """
-    n, width = neighbors.shape
-    out = _pad(neighbors, max(cap, width))
-    fill = (out >= 0).sum(axis=1)
-    need = np.maximum(min_in - np.bincount(out[out >= 0], minlength=n), 0)
-    added = 0
-    for j in range(width):  # u's j-th neighbour gets a link back to u
-        u = np.flatnonzero(need > 0)
-        v = neighbors[u, j].astype(np.int64)
-        keep = v >= 0
-        u, v = u[keep], v[keep]
-        keep = (fill[v] < cap) & ~(out[v] == u[:, None]).any(axis=1)
-        u, v = u[keep], v[keep]
-        if not len(u):
-            continue
-        order = np.argsort(v, kind="stable")  # several u may append to one v in a pass
-        u, v = u[order], v[order]
-        first = np.r_[True, v[1:] != v[:-1]]
-        rank = np.arange(len(v)) - np.maximum.accumulate(np.where(first, np.arange(len(v)), 0))
-        slot = fill[v] + rank
-        keep = slot < cap
-        u, v, slot = u[keep], v[keep], slot[keep]
-        out[v, slot] = u
-        fill += np.bincount(v, minlength=n)
-        need[u] -= 1
-        added += len(u)
-    return out[:, : max(1, int(fill.max()))].astype(np.int32), added
-
-
-def _pad(a: np.ndarray, width: int) -> np.ndarray:
-    return np.pad(a, [(0, 0), (0, max(0, width - a.shape[1]))], constant_values=-1)[:, :width]
-
-
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -348,7 +260,7 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
             added,
             fill_seconds,
         )
-    del index, vectors  # free hnswlib's memory before writing
+    del index  # free hnswlib's memory
     gc.collect()
     in_added = 0
     if config.layer0_in_degree:
@@ -367,6 +279,26 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
             int((graph.in_degrees(0) < config.layer0_in_degree).sum()),
         )
         fill_seconds += in_seconds
+    layer = start_layer([len(nodes) for nodes in graph.nodes], n)
+    start_nodes = max(1, round(n / COVER_SHARE)) if config.start_nodes is None else config.start_nodes
+    cover = {"layer": layer, "hnswlib_nodes": len(graph.nodes[layer]), "seconds": 0.0, "radius": None}
+    if layer and start_nodes > len(graph.nodes[layer]):
+        started = time.perf_counter()
+        graph, cover["radius"] = cover_layer(graph, vectors, layer, start_nodes, config.m)
+        cover["seconds"] = round(time.perf_counter() - started, 2)
+        logger.info(
+            "start layer %d: %d -> %d nodes by farthest-point sampling of layer %d in %.1f s; "
+            "every layer-%d node now lies within %.3g (l2) of one",
+            layer,
+            cover["hnswlib_nodes"],
+            len(graph.nodes[layer]),
+            layer - 1,
+            cover["seconds"],
+            layer - 1,
+            cover["radius"],
+        )
+    cover["nodes"] = len(graph.nodes[layer])
+    del vectors
     stats = graph.layer_stats()
     log_layers(stats, config.m, filled=bool(config.layer0_degree))
 
@@ -377,6 +309,7 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
         "seed": config.seed,
         "layer0_degree": config.layer0_degree,
         "layer0_in_degree": config.layer0_in_degree,
+        "start_nodes": start_nodes,
         "space": SPACE,
         "dim": dim,
     }
@@ -392,6 +325,7 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
             "layer0_fill_seconds": round(fill_seconds, 2),
             "layer0_links_added": added,
             "layer0_in_links_added": in_added,
+            "start_layer_cover": cover,
             "hnswlib_layer0_mean_degree": hnsw_stats[0]["mean_degree"],
             "peak_rss_mib": peak_rss_mib(),
             "reproducible": config.threads == 1,

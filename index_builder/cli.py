@@ -1,7 +1,7 @@
 """Command line of the index builder.
 
     python -m index_builder --workdir DIR [--m 32] [--ef-construction 40] [--threads N] [--seed 0]
-                           [--layer0-degree 16] [--layer0-in-degree 8]
+                           [--layer0-degree 16] [--layer0-in-degree 8] [--start-nodes S]
 
 Bad flags and a missing or damaged embeddings artifact are reported as one line
 on stderr with exit code 2; anything else is a bug and keeps its traceback.
@@ -98,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
         "neighbours, where their lists have room (default min(8, 2*M); 0 adds none). Items on the rim "
         "of a cluster, where the scorer's top items often lie, are rarely anyone's nearest neighbour",
     )
+    parser.add_argument(
+        "--start-nodes",
+        metavar="S",
+        type=_int_at_least(0),
+        default=None,
+        help="top the start layer (the highest with at least N/2000 nodes) up to S nodes by "
+        "farthest-point sampling of the layer below, so that every region of e_v has a start node "
+        "(default N/400; 0 keeps hnswlib's levels). The walk never crosses low-scoring ground, so a "
+        "group of items without a start node of its own is lost",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             layer0_degree=args.layer0_degree,
             layer0_in_degree=args.layer0_in_degree,
+            start_nodes=args.start_nodes,
         )
     except ValueError as e:
         message = (

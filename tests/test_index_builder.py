@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_builder import build, cli, hnsw_state
+from index_builder import build, cli, hnsw_state, refine
 from index_builder.graph import GRAPH_FILE, Graph, load_graph
 from model_export import artifacts
 from model_export.errors import ArtifactError
@@ -252,6 +252,7 @@ def test_cli_round_trip(workdir, caplog):
         "seed": 3,
         "layer0_degree": 2 * M,
         "layer0_in_degree": 8,
+        "start_nodes": 2,
         "space": "l2",
         "dim": DIM,
     }
@@ -320,6 +321,41 @@ def test_reverse_links_give_rim_nodes_in_links_from_their_own_neighbours(workdir
         for v in filled.neighbors[0][u][filled.neighbors[0][u] >= 0]:
             assert u in linked.neighbors[0][v] or linked.degrees(0)[v] == 2 * M
     assert new_in.min() >= min(old_in.min(), 1)
+
+
+def test_cover_layer_gives_every_cluster_a_start_node():
+    # 60 tight, far-apart clusters; with M = 64 hnswlib's layer 1 holds about N / 64 = 23
+    # random nodes, so most clusters have none and a walk from layer 1 could not enter them.
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((60, DIM)) * 10
+    cluster = rng.integers(0, 60, 1500)
+    vectors = (centres[cluster] + 0.1 * rng.standard_normal((1500, DIM))).astype(np.float32)
+    config = build.BuildConfig(m=64, threads=1, layer0_degree=0, layer0_in_degree=0)
+    graph = build.extract_graph(build.build_hnsw(vectors, config))
+    assert len(np.unique(cluster[graph.nodes[1]])) < 40
+    covered, radius = refine.cover_layer(graph, vectors, 1, 80, 64)
+    assert len(covered.nodes[1]) == 80 and set(graph.nodes[1]) < set(covered.nodes[1])
+    assert len(np.unique(cluster[covered.nodes[1]])) == 60  # the first new nodes go to empty clusters
+    gaps = ((vectors[:, None] - vectors[covered.nodes[1]][None]) ** 2).sum(-1).min(1)
+    assert np.sqrt(gaps.max()) == pytest.approx(radius, rel=1e-3) and radius < 1.5  # clusters are 10 apart
+    # Layer 0 and the layers above keep their lists; old layer-1 lists keep hnswlib's links first.
+    np.testing.assert_array_equal(covered.neighbors[0], graph.neighbors[0])
+    for a, b in zip(graph.neighbors[2:], covered.neighbors[2:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    rows = np.searchsorted(covered.nodes[1], graph.nodes[1])
+    old = graph.neighbors[1]
+    np.testing.assert_array_equal(np.where(old >= 0, covered.neighbors[1][rows, : old.shape[1]], -1), old)
+    # A new node links to its 32 nearest layer-1 nodes and is linked back by some.
+    new = np.setdiff1d(covered.nodes[1], graph.nodes[1])
+    for label in new[:10]:
+        links = covered.neighbors[1][np.searchsorted(covered.nodes[1], label)]
+        d = ((vectors[covered.nodes[1]] - vectors[label]) ** 2).sum(-1)
+        nearest = covered.nodes[1][np.argsort(d)[1:33]]
+        assert set(links[links >= 0][:32].tolist()) == set(nearest.tolist())
+    assert covered.in_degrees(1).min() > 0
+    # More than the layer below holds: every node of layer 0 ends in layer 1, radius 0.
+    everything, radius = refine.cover_layer(graph, vectors, 1, 5000, 64)
+    assert len(everything.nodes[1]) == 1500 and radius == 0
 
 
 def test_layer0_degree_above_2m_is_one_clear_line(workdir, capsys):
