@@ -33,11 +33,14 @@ EMBEDDINGS_FILE = "item_embeddings.npy"
 ITEM_IDS_FILE = "item_ids.npy"
 DEFAULT_LAYER0_DEGREE = 16
 DEFAULT_LAYER0_IN_DEGREE = 8
-# The exporter starts Beam-retrieval from the highest layer holding at least N / START_SHARE
-# nodes (model_export.retrieval.default_start_layer); that is the layer cover_layer tops up,
-# by default to N / COVER_SHARE nodes.
+# The exporter starts Beam-retrieval from the highest layer holding at least max(its ef,
+# N / START_SHARE) nodes (model_export.retrieval.default_start_layer). cover_layer tops up
+# the highest layer holding N / START_SHARE, by default to N / COVER_SHARE nodes and at least
+# COVER_MIN (the exporter's default ef of that layer, so that the exporter can start there)
+# where the layer below has four times that many.
 START_SHARE = 2000
 COVER_SHARE = 400
+COVER_MIN = 400
 MAX_M = 1024  # hnswlib stores a layer-0 degree (up to 2M) in 16 bits
 
 
@@ -58,7 +61,8 @@ class BuildConfig:
         min(DEFAULT_LAYER0_IN_DEGREE, 2 * m). See :func:`add_in_links`.
       start_nodes: the start layer (the highest with at least N / 2000 nodes) is topped up to
         this many nodes by farthest-point sampling of the layer below; 0 keeps hnswlib's
-        levels; None: N / 400. See :func:`cover_layer`.
+        levels; None: N / 400, at least 400 where the layer below holds 1,600 or more. See
+        :func:`cover_layer`.
     """
 
     m: int = 32
@@ -280,7 +284,9 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
         )
         fill_seconds += in_seconds
     layer = start_layer([len(nodes) for nodes in graph.nodes], n)
-    start_nodes = max(1, round(n / COVER_SHARE)) if config.start_nodes is None else config.start_nodes
+    start_nodes = config.start_nodes
+    if start_nodes is None:  # a quarter of the layer below at most, so small graphs keep their shape
+        start_nodes = max(round(n / COVER_SHARE), min(COVER_MIN, len(graph.nodes[max(layer - 1, 0)]) // 4))
     cover = {"layer": layer, "hnswlib_nodes": len(graph.nodes[layer]), "seconds": 0.0, "radius": None}
     if layer and start_nodes > len(graph.nodes[layer]):
         started = time.perf_counter()

@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--ef",
         type=_int_list,
-        default=(1000, 800, 400),
-        help="default beam widths, top-down to layer 0 (default 1000,800,400; the paper's are 100,200,400)",
+        default=(400, 400, 400),
+        help="default beam widths, top-down to layer 0 (default 400,400,400; the paper's are 100,200,400)",
     )
     ex.add_argument(
         "--steps",

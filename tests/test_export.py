@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from index_builder.build import BuildConfig, build_index
-from model_export import data
+from model_export import cli, data
+from model_export import export as export_module
 from model_export.errors import InputError
 from model_export.evaluate import Evaluation
 from model_export.export import ExportConfig, RetrievalModule, export
@@ -205,3 +206,9 @@ def test_sweep_refuses_a_grid_with_no_valid_point(workdir, tmp_path):
 
     with pytest.raises(InputError, match="no grid point"):
         sweep.sweep(workdir, tmp_path, k=10, beam_ef0=(5,), hnsw_ef0=(5,))
+
+
+def test_command_line_defaults_are_the_export_defaults():
+    args = cli.build_parser().parse_args(["export", "--workdir", "w"])
+    assert tuple(args.ef) == export_module.DEFAULT_EF and tuple(args.steps) == export_module.DEFAULT_STEPS
+    assert args.k == export_module.DEFAULT_K

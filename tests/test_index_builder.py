@@ -252,7 +252,7 @@ def test_cli_round_trip(workdir, caplog):
         "seed": 3,
         "layer0_degree": 2 * M,
         "layer0_in_degree": 8,
-        "start_nodes": 2,
+        "start_nodes": 2,  # 600 / 400, as the layer below the start layer is too small for 400
         "space": "l2",
         "dim": DIM,
     }

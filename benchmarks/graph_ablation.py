@@ -1,0 +1,100 @@
+"""What each index-builder refinement buys Beam-retrieval: coverage and cost per graph variant.
+
+For one trained workdir, builds the graph four ways with ``python -m index_builder``
+(hnswlib alone; + layer-0 fill; + reverse links; + start-layer cover, the
+default), exports each with ``python -m model_export export`` and evaluates
+beam retrieval against the exhaustive top k with ``python -m model_export
+evaluate``, at the export's default parameters and at the paper's. Each variant
+lives in ``DIR/ablation/<variant>/``, which links to DIR's dataset, model,
+embeddings and cached exhaustive reference; DIR itself is not touched.
+
+    python benchmarks/graph_ablation.py --workdir runs/big/din-fgsm --users 64 --out benchmarks/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "hnswlib": ["--layer0-degree", "0", "--layer0-in-degree", "0", "--start-nodes", "0"],
+    "+ layer-0 fill": ["--layer0-in-degree", "0", "--start-nodes", "0"],
+    "+ reverse links": ["--start-nodes", "0"],
+    "+ start-layer cover (default)": [],
+}
+SETTINGS = {"export default": None, "paper default": ("100,200,400", "1,1,3")}
+
+
+def run(args: list[str]) -> str:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
+    return done.stdout
+
+
+def linked_workdir(workdir: Path, name: str) -> Path:
+    target = workdir / "ablation" / name.strip("+ ").split(" ")[0].replace("-", "")
+    target.mkdir(parents=True, exist_ok=True)
+    (workdir / "eval").mkdir(exist_ok=True)
+    for part in ("dataset", "model", "embeddings", "eval"):
+        link = target / part
+        if not link.exists():
+            link.symlink_to((workdir / part).resolve(), target_is_directory=True)
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--users", type=int, default=64, help="seeded test users evaluated")
+    parser.add_argument("--threads", type=int, default=1, help="index build threads (1: reproducible)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file written with the rows")
+    args = parser.parse_args()
+
+    rows = []
+    for name, flags in VARIANTS.items():
+        work = linked_workdir(args.workdir, name)
+        run(["-m", "index_builder", "--workdir", str(work), "--threads", str(args.threads), *flags])
+        run(["-m", "model_export", "export", "--workdir", str(work)])
+        meta = json.loads((work / "index" / "meta.json").read_text())
+        for setting, values in SETTINGS.items():
+            cmd = ["-m", "model_export", "evaluate", "--workdir", str(work), "--mode", "beam"]
+            cmd += ["--users", str(args.users), "--json"]
+            if values:
+                cmd += ["--ef", values[0], "--steps", values[1]]
+            result = json.loads(run(cmd).strip().splitlines()[-1])
+            row = {
+                "graph": name,
+                "index_flags": " ".join(flags) or "(defaults)",
+                "setting": setting,
+                "ef": result["ef"],
+                "steps": result["steps"],
+                "coverage": round(result["coverage"], 4),
+                "scored_percent": round(100 * result["scored_fraction"], 3),
+                "recall_delta": round(result["recall_delta"], 4),
+                "layer0_mean_degree": meta["layers"][0]["mean_degree"],
+                "start_layer_nodes": meta["start_layer_cover"]["nodes"],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "command": "python benchmarks/graph_ablation.py " + " ".join(sys.argv[1:]),
+        "users": args.users,
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
