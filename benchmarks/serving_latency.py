@@ -1,9 +1,15 @@
 """Latency of the exported SavedModel: beam vs exhaustive, and bitmap vs raw-set-op marking (Table 1).
 
-Loads ``DIR/export/<latest>`` with ``tf.saved_model.load`` (as a serving
-process would), replays evaluated users' histories through the ``retrieve``
-signature and reports, per setting, the median and p90 response time, QPS
-(batches of B users divided by wall time) and the candidates scored per query.
+Replays evaluated users' histories through the ``retrieve`` signature of
+``DIR/export/<latest>`` and reports, per setting, the median and p90 response
+time, QPS (batches of B users divided by wall time) and the candidates scored
+per query. Two ways to run the signature (``--runner``):
+
+* ``session``: the SavedModel loaded into a ``tf.compat.v1.Session`` and run with
+  ``Session.run`` on the signature's tensors, which is how TensorFlow Serving's
+  C++ ``SavedModelBundle`` serves it;
+* ``function``: ``tf.saved_model.load`` and a call of the signature's concrete
+  function, as a Python process embedding the model would.
 
     python benchmarks/serving_latency.py --workdir runs/w --batch 1 --queries 50
 """
@@ -33,6 +39,34 @@ def parse_list(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
+def function_runner(path: Path):
+    fn = tf.saved_model.load(str(path)).signatures["retrieve"]
+
+    def run(inputs: dict) -> dict:
+        out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
+        return {name: value.numpy() for name, value in out.items()}
+
+    return run
+
+
+def session_runner(path: Path):
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    with graph.as_default():
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(path))
+    signature = meta_graph.signature_def["retrieve"]
+    feeds = {name: graph.get_tensor_by_name(t.name) for name, t in signature.inputs.items()}
+    fetches = {name: graph.get_tensor_by_name(t.name) for name, t in signature.outputs.items()}
+
+    def run(inputs: dict) -> dict:
+        return session.run(fetches, {feeds[name]: value for name, value in inputs.items()})
+
+    return run
+
+
+RUNNERS = {"session": session_runner, "function": function_runner}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -47,14 +81,27 @@ def main() -> int:
     )
     parser.add_argument("--table1-steps", type=parse_list, default=(1, 1, 2))
     parser.add_argument("--exhaustive-queries", type=int, default=5, help="timed exhaustive requests")
+    parser.add_argument("--out", type=Path, help="JSON written (default results/serving_latency_N.json)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=30,
+        help="untimed requests before each graph-search setting (oneDNN builds a kernel per new "
+        "candidate count, so the first requests of a process are slower)",
+    )
+    parser.add_argument(
+        "--runner",
+        nargs="+",
+        choices=sorted(RUNNERS),
+        default=["session"],
+        help="how the signature is run (default session: Session.run, as TF Serving does)",
+    )
     args = parser.parse_args()
 
     path = latest_export(args.workdir)
     meta = artifacts.read_meta(path, "saved_model")
     params = meta["params"]
     depth = params["start_layer"] + 1
-    model = tf.saved_model.load(str(path))
-    fn = model.signatures["retrieve"]
     dataset = load_dataset(Path(args.workdir) / "dataset")
     _, histories, _ = dataset.eval_examples("test", 50)
     histories = np.where(histories >= 0, dataset.item_ids[np.maximum(histories, 0)], -1)
@@ -71,45 +118,50 @@ def main() -> int:
         ("exhaustive", tuple(params["ef"]), tuple(params["steps"]), "default"),
     ]
     rows = []
-    rng = np.random.default_rng(0)
-    for batch in args.batch:
-        for mode, ef, steps, label in settings:
-            n = args.exhaustive_queries if mode == "exhaustive" else args.queries
-            times, scored = [], []
-            warmup = 1 if mode == "exhaustive" else 3
-            for q in range(n + warmup):
-                h = tf.constant(histories[rng.choice(len(histories), batch)], tf.int64)
-                started = time.perf_counter()
-                out = fn(
-                    history=h,
-                    k=tf.fill([batch], args.k),
-                    ef=tf.constant([ef] * batch, tf.int32),
-                    steps=tf.constant([steps] * batch, tf.int32),
-                    mode=tf.constant([mode] * batch),
-                )
-                out["item_ids"].numpy()
-                if q >= warmup:
-                    times.append(time.perf_counter() - started)
-                    scored.append(float(out["scored"].numpy().mean()))
-            row = {
-                "mode": mode,
-                "setting": label,
-                "ef": list(ef),
-                "steps": list(steps),
-                "batch": batch,
-                "median_ms": round(1000 * float(np.median(times)), 2),
-                "p90_ms": round(1000 * float(np.percentile(times, 90)), 2),
-                "qps_users": round(batch * len(times) / sum(times), 1),
-                "scored_per_user": round(float(np.mean(scored)), 1),
-                "scored_fraction": round(float(np.mean(scored)) / dataset.num_items, 5),
-                "requests": len(times),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    for batch in args.batch:
-        by = {(r["mode"], r["setting"]): r for r in rows if r["batch"] == batch}
-        speedup = by[("exhaustive", "default")]["median_ms"] / by[("beam", "default")]["median_ms"]
-        print(f"batch {batch}: beam (defaults) is {speedup:.1f}x faster than exhaustive (median RT)")
+    for runner in args.runner:
+        run = RUNNERS[runner](path)
+        rng = np.random.default_rng(0)
+        for batch in args.batch:
+            for mode, ef, steps, label in settings:
+                n = args.exhaustive_queries if mode == "exhaustive" else args.queries
+                times, scored = [], []
+                warmup = 1 if mode == "exhaustive" else args.warmup
+                for q in range(n + warmup):
+                    inputs = {
+                        "history": histories[rng.choice(len(histories), batch)].astype(np.int64),
+                        "k": np.full([batch], args.k, np.int32),
+                        "ef": np.array([ef] * batch, np.int32),
+                        "steps": np.array([steps] * batch, np.int32),
+                        "mode": np.array([mode.encode()] * batch),
+                    }
+                    started = time.perf_counter()
+                    out = run(inputs)
+                    if q >= warmup:
+                        times.append(time.perf_counter() - started)
+                        scored.append(float(out["scored"].mean()))
+                row = {
+                    "runner": runner,
+                    "mode": mode,
+                    "setting": label,
+                    "ef": list(ef),
+                    "steps": list(steps),
+                    "batch": batch,
+                    "median_ms": round(1000 * float(np.median(times)), 2),
+                    "p90_ms": round(1000 * float(np.percentile(times, 90)), 2),
+                    "qps_users": round(batch * len(times) / sum(times), 1),
+                    "scored_per_user": round(float(np.mean(scored)), 1),
+                    "scored_fraction": round(float(np.mean(scored)) / dataset.num_items, 5),
+                    "requests": len(times),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for runner in args.runner:
+        for batch in args.batch:
+            by = {(r["mode"], r["setting"]): r for r in rows if r["batch"] == batch and r["runner"] == runner}
+            speedup = by[("exhaustive", "default")]["median_ms"] / by[("beam", "default")]["median_ms"]
+            print(
+                f"{runner}, batch {batch}: beam (defaults) is {speedup:.1f}x faster than exhaustive (median)"
+            )
     result = {
         "command": "python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]),
         "export": str(path.relative_to(Path(args.workdir))),
@@ -117,9 +169,11 @@ def main() -> int:
         "start_layer": params["start_layer"],
         "layer_sizes": params["layer_sizes"],
         "cpus": os.cpu_count(),
+        # oneDNN kernels are on by default on CPUs with AVX512_VNNI and newer; "0" turns them off.
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
         "rows": rows,
     }
-    out = ROOT / "benchmarks" / "results" / f"serving_latency_{dataset.num_items}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / f"serving_latency_{dataset.num_items}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

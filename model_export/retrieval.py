@@ -93,6 +93,24 @@ def _compact(ids, sentinel):
     return tf.where(x == sentinel, -1, x)
 
 
+def _distinct(ids, num_items):
+    """Each row's distinct ids >= 0, in first-seen order, -1 padded to the longest row.
+
+    tf.unique hashes (linear time) where :func:`_compact` sorts twice; tf.sort runs as
+    a full-width TopKV2 on CPU, which was the largest op of a batch-1 query. Rows are
+    kept apart by offsetting each row's ids by row * num_items.
+    """
+    rows = tf.shape(ids)[0]
+    row = tf.broadcast_to(tf.range(rows, dtype=tf.int64)[:, None], tf.shape(ids))
+    valid = ids >= 0
+    flat = tf.boolean_mask(row * num_items + tf.cast(ids, tf.int64), valid)
+    unique, _ = tf.unique(flat)
+    ragged = tf.RaggedTensor.from_value_rowids(
+        tf.cast(unique % num_items, ids.dtype), unique // num_items, nrows=tf.cast(rows, tf.int64)
+    )
+    return ragged.to_tensor(default_value=-1)
+
+
 class _Bitmap:
     """Visited marking with a dense [B, N] bool mask."""
 
@@ -146,9 +164,26 @@ def _marker(marking, batch, num_items):
     raise ValueError(f"marking must be one of {MARKINGS}, got {marking!r}")
 
 
+def padded_width(m):
+    """The width m candidates are scored at: the next point of a fixed grid of shapes.
+
+    Multiples of 64 up to 512, then steps of 2**(1/4) rounded up to 64 (at most 27% padding). A graph
+    walk scores a different number of candidates every round; oneDNN, TensorFlow's
+    CPU kernels for the scorer's matmuls, builds a kernel per new shape, which made
+    batch-1 queries 2x slower. On the grid a few dozen shapes cover every walk (the
+    paper's auto-padding, here without XLA).
+    """
+    m = tf.convert_to_tensor(m, tf.int32)
+    octaves = tf.math.ceil(4.0 * tf.math.log(tf.cast(tf.maximum(m, 1), tf.float32)) / np.log(2.0)) / 4.0
+    grid = tf.cast(tf.math.ceil(tf.pow(2.0, octaves) / 64.0) * 64.0, tf.int32)
+    return tf.maximum(tf.maximum(grid, 64 * ((m + 63) // 64)), m)
+
+
 def _score_ids(score_fn, item_e, ids):
-    """Scores of ids [B, m] (-1 = none -> -inf)."""
-    s = score_fn(tf.gather(item_e, tf.maximum(ids, 0)))
+    """Scores of ids [B, m] (-1 = none -> -inf), computed at :func:`padded_width`."""
+    m = tf.shape(ids)[1]
+    padded = tf.pad(ids, [[0, 0], [0, padded_width(m) - m]], constant_values=-1)
+    s = score_fn(tf.gather(item_e, tf.maximum(padded, 0)))[:, :m]
     return tf.where(ids >= 0, s, tf.constant(-np.inf, s.dtype))
 
 
@@ -189,8 +224,7 @@ def search_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef, steps, m
         return (t < steps) & tf.reduce_any(cand >= 0)
 
     def body(t, w_ids, w_s, cand, visited, scored):
-        nb = _compact(graph.neighbors_of(layer, cand), graph.num_items)
-        new = _compact(marker.unvisited(visited, nb), graph.num_items)
+        new = _distinct(marker.unvisited(visited, graph.neighbors_of(layer, cand)), graph.num_items)
         visited = marker.mark(visited, new)
         s_new = _score_ids(score_fn, item_e, new)
         scored += tf.reduce_sum(tf.cast(new >= 0, tf.int32), axis=1)
@@ -300,7 +334,7 @@ def best_first_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef):
         node = tf.where(live, tf.gather(w_ids, best, batch_dims=1), -1)
         expanded = expanded | (tf.one_hot(best, ef, on_value=True, off_value=False) & live[:, None])
         nb = marker.unvisited(visited, graph.neighbors_of(layer, node[:, None]))
-        nb = _compact(nb, graph.num_items)
+        nb = _distinct(nb, graph.num_items)
         visited = marker.mark(visited, nb)
         s_new = _score_ids(score_fn, item_e, nb)
         scored += tf.reduce_sum(tf.cast(nb >= 0, tf.int32), axis=1)

@@ -167,3 +167,18 @@ def test_every_entry_point_is_expanded_even_beyond_ef(marking):
     assert ids.numpy().tolist() == [[4]]
     assert top.numpy().tolist() == [[10.0]]
     assert scored.numpy().tolist() == [2]  # items 2 and 4: the entry points are not scored again
+
+
+def test_candidates_are_scored_on_a_fixed_grid_of_widths(setup):
+    widths = np.array([int(retrieval.padded_width(m)) for m in range(1, 30_000, 7)])
+    ms = np.arange(1, 30_000, 7)
+    assert (widths >= ms).all() and (widths % 64 == 0).all()
+    assert (widths[ms > 512] <= 1.27 * ms[ms > 512]).all()  # padding costs at most 27%
+    assert len(np.unique(widths)) <= 32  # a few dozen shapes for every walk up to 30k candidates
+    # Padding changes nothing a caller sees: the scores of the real candidates, -inf for -1.
+    model, item_e, _, history = setup
+    ids = tf.constant(np.array([[3, 7, -1, 11, 5], [0, -1, -1, 2, 9]], np.int32))
+    got = retrieval._score_ids(scorer(model, history[:2]), item_e, ids).numpy()
+    want = scorer(model, history[:2])(tf.gather(item_e, tf.maximum(ids, 0))).numpy()
+    np.testing.assert_allclose(got[ids.numpy() >= 0], want[ids.numpy() >= 0], rtol=1e-5, atol=1e-6)
+    assert np.isneginf(got[ids.numpy() < 0]).all()
