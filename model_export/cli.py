@@ -41,6 +41,17 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _int_lists(text: str) -> tuple[tuple[int, ...], ...]:
+    """Comma-separated settings, each a slash-separated list: 100/200,400/400."""
+    try:
+        return tuple(_int_list(part.replace("/", ",")) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated settings of slash-separated integers >= 1 like 100/200,400/400, "
+            f"got {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m model_export",
@@ -223,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument(
         "--hnsw-ef0", type=_int_list, default=None, help="ef of layer 0 for hnsw (default 200,...,1600)"
     )
+    sw.add_argument(
+        "--beam-upper",
+        type=_int_lists,
+        default=None,
+        metavar="EF/EF,...",
+        help="beam widths above layer 0, top-down, one setting per comma, e.g. 100/200,400/400 "
+        "(default: the export's); each is combined with every --beam-ef0 and --beam-t0",
+    )
 
     ex = sub.add_parser(
         "export",
@@ -383,6 +402,7 @@ def _sweep(args) -> int:
         beam_ef0=args.beam_ef0,
         beam_t0=args.beam_t0,
         hnsw_ef0=args.hnsw_ef0,
+        beam_upper=args.beam_upper,
     )
     return 0
 

@@ -45,14 +45,31 @@ def settings(
     beam_ef0=BEAM_EF0,
     beam_t0=BEAM_T0,
     hnsw_ef0=HNSW_EF0,
+    beam_upper=None,
 ):
-    """(mode, ef, steps) of the sweep; the upper layers keep the export's defaults."""
+    """(mode, ef, steps) of the sweep.
+
+    Beam combines every upper-layer setting (top-down ef above layer 0; default the
+    export's) with every ef_0 and T_0; the upper layers' T stay the export's. HNSW
+    varies ef_0 only (it searches the upper layers with ef 1).
+
+    Raises:
+      InputError: an upper-layer setting does not have one value per layer above 0.
+    """
     upper_ef, upper_steps = tuple(defaults_ef[:-1]), tuple(defaults_steps[:-1])
+    uppers = [tuple(u) for u in beam_upper] if beam_upper else [upper_ef]
+    for upper in uppers:
+        if len(upper) != len(upper_ef):
+            raise InputError(
+                f"--beam-upper settings need {len(upper_ef)} values (the layers above 0, top-down), "
+                f"got {'/'.join(map(str, upper))}"
+            )
     out = []
-    for ef0 in beam_ef0:
-        for t0 in beam_t0:
-            if k <= ef0 <= num_items:
-                out.append(("beam", (*upper_ef, ef0), (*upper_steps, t0)))
+    for upper in uppers:
+        for ef0 in beam_ef0:
+            for t0 in beam_t0:
+                if k <= ef0 <= num_items:
+                    out.append(("beam", (*upper, ef0), (*upper_steps, t0)))
     for ef0 in hnsw_ef0:
         if k <= ef0 <= num_items:
             out.append(("hnsw", (*upper_ef, ef0), tuple(defaults_steps)))
@@ -104,6 +121,7 @@ def sweep(
     beam_ef0: tuple[int, ...] | None = None,
     beam_t0: tuple[int, ...] | None = None,
     hnsw_ef0: tuple[int, ...] | None = None,
+    beam_upper: tuple[tuple[int, ...], ...] | None = None,
 ) -> list[dict]:
     """Runs the grid (the module's defaults where a grid is None) and writes CSV, JSON and PNG."""
     evaluation = Evaluation(workdir, split, users, seed)
@@ -117,6 +135,7 @@ def sweep(
         beam_ef0 or BEAM_EF0,
         beam_t0 or BEAM_T0,
         hnsw_ef0 or HNSW_EF0,
+        beam_upper,
     )
     if not grid:
         raise InputError(

@@ -208,6 +208,21 @@ def test_sweep_refuses_a_grid_with_no_valid_point(workdir, tmp_path):
         sweep.sweep(workdir, tmp_path, k=10, beam_ef0=(5,), hnsw_ef0=(5,))
 
 
+def test_sweep_varies_the_upper_layers_when_asked(workdir, tmp_path):
+    from model_export import sweep
+
+    rows = sweep.sweep(
+        workdir, tmp_path, k=10, beam_ef0=(20,), beam_t0=(2,), hnsw_ef0=(20,), beam_upper=((5,), (30,))
+    )
+    assert [tuple(r["ef"]) for r in rows if r["mode"] == "beam"] == [(5, 20), (30, 20)]
+    # More seeds from the start layer score more items.
+    assert rows[1]["scored_fraction"] > rows[0]["scored_fraction"]
+    with pytest.raises(InputError, match="need 1 values"):
+        sweep.sweep(workdir, tmp_path, k=10, beam_ef0=(20,), beam_upper=((5, 5),))
+    args = cli.build_parser().parse_args(["sweep", "--workdir", "w", "--beam-upper", "100/200,400/400"])
+    assert args.beam_upper == ((100, 200), (400, 400))
+
+
 def test_command_line_defaults_are_the_export_defaults():
     args = cli.build_parser().parse_args(["export", "--workdir", "w"])
     assert tuple(args.ef) == export_module.DEFAULT_EF and tuple(args.steps) == export_module.DEFAULT_STEPS
