@@ -9,6 +9,9 @@ lives in ``DIR/ablation/<variant>/``, which links to DIR's dataset, model,
 embeddings and cached exhaustive reference; DIR itself is not touched.
 
     python benchmarks/graph_ablation.py --workdir runs/big/din-fgsm --users 64 --out benchmarks/results/x.json
+
+``--seeds 1 2 --defaults-only`` instead builds the default graph with other seeds
+of hnswlib's level generator: the spread between builds of one model.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ def run(args: list[str]) -> str:
     return done.stdout
 
 
-def linked_workdir(workdir: Path, name: str) -> Path:
-    target = workdir / "ablation" / name.strip("+ ").split(" ")[0].replace("-", "")
+def linked_workdir(workdir: Path, name: str, seed: int) -> Path:
+    target = workdir / "ablation" / f"{name.strip('+ ').split(' ')[0].replace('-', '')}-seed{seed}"
     target.mkdir(parents=True, exist_ok=True)
     (workdir / "eval").mkdir(exist_ok=True)
     for part in ("dataset", "model", "embeddings", "eval"):
@@ -56,12 +59,16 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=64, help="seeded test users evaluated")
     parser.add_argument("--threads", type=int, default=1, help="index build threads (1: reproducible)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file written with the rows")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="level-generator seeds (default 0)")
+    parser.add_argument("--defaults-only", action="store_true", help="build only the default graph")
     args = parser.parse_args()
 
     rows = []
-    for name, flags in VARIANTS.items():
-        work = linked_workdir(args.workdir, name)
-        run(["-m", "index_builder", "--workdir", str(work), "--threads", str(args.threads), *flags])
+    variants = list(VARIANTS.items())[-1:] if args.defaults_only else list(VARIANTS.items())
+    for seed, (name, flags) in ((s, v) for s in args.seeds for v in variants):
+        work = linked_workdir(args.workdir, name, seed)
+        threads = ["--threads", str(args.threads), "--seed", str(seed)]
+        run(["-m", "index_builder", "--workdir", str(work), *threads, *flags])
         run(["-m", "model_export", "export", "--workdir", str(work)])
         meta = json.loads((work / "index" / "meta.json").read_text())
         for setting, values in SETTINGS.items():
@@ -72,6 +79,7 @@ def main() -> int:
             result = json.loads(run(cmd).strip().splitlines()[-1])
             row = {
                 "graph": name,
+                "seed": seed,
                 "index_flags": " ".join(flags) or "(defaults)",
                 "setting": setting,
                 "ef": result["ef"],
