@@ -157,8 +157,8 @@ def build_hnsw(vectors: np.ndarray, config: BuildConfig, batch: int | None = Non
     batch = batch or max(10_000, math.ceil(n / 50))
     index = hnswlib.Index(space=SPACE, dim=dim)
     index.init_index(
-        max_elements=n, M=config.m, ef_construction=config.ef_construction, random_seed=config.seed
-    )
+        max_elements=n, M=config.m, ef_construction=config.ef_construction, random_seed=config.seed + 1
+    )  # hnswlib's level generator (std::minstd_rand0) takes seed 0 as 1: shift so every seed differs
     index.set_num_threads(config.threads)
     started = time.perf_counter()
     for start in range(0, n, batch):

@@ -182,6 +182,14 @@ def test_labels_added_out_of_order_are_mapped_through_the_records():
     np.testing.assert_array_equal(got, expected.astype(np.int64))
 
 
+def test_each_seed_draws_its_own_levels():
+    # hnswlib's generator takes seeds 0 and 1 as the same; --seed 0 and --seed 1 must still differ.
+    vectors = random_points(3000, seed=4)
+    levels = {seed: build_and_extract(vectors, seed=seed)[1].levels for seed in (0, 1, 2)}
+    assert not np.array_equal(levels[0], levels[1]) and not np.array_equal(levels[1], levels[2])
+    np.testing.assert_array_equal(levels[0], build_and_extract(vectors, seed=0)[1].levels)
+
+
 def test_multithreaded_build_is_a_valid_graph():
     vectors = random_points(2000, seed=5)
     index, graph = build_and_extract(vectors, threads=2)
@@ -245,6 +253,11 @@ def test_cli_round_trip(workdir, caplog):
     assert graph.num_items == 600 and len(graph.nodes) == graph.max_level + 1
     meta = json.loads((path / "index" / "meta.json").read_text())
     assert meta["kind"] == "index"
+    # Default start nodes: N / 400, or up to 400 where a quarter of the layer below allows.
+    cover = meta["start_layer_cover"]
+    below = len(graph.nodes[cover["layer"] - 1])
+    assert meta["params"].pop("start_nodes") == max(2, min(400, below // 4))
+    assert cover["nodes"] == max(cover["hnswlib_nodes"], max(2, min(400, below // 4)))
     assert meta["params"] == {
         "m": M,
         "ef_construction": 40,
@@ -252,7 +265,6 @@ def test_cli_round_trip(workdir, caplog):
         "seed": 3,
         "layer0_degree": 2 * M,
         "layer0_in_degree": 8,
-        "start_nodes": 2,  # 600 / 400, as the layer below the start layer is too small for 400
         "space": "l2",
         "dim": DIM,
     }
