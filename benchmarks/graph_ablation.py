@@ -25,12 +25,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-VARIANTS = {
-    "hnswlib": ["--layer0-degree", "0", "--layer0-in-degree", "0", "--start-nodes", "0"],
-    "+ layer-0 fill": ["--layer0-in-degree", "0", "--start-nodes", "0"],
-    "+ reverse links": ["--start-nodes", "0"],
-    "+ start-layer cover (default)": [],
-}
+# (folder under DIR/ablation, label in the report, index_builder flags)
+VARIANTS = [
+    ("hnswlib", "hnswlib", ["--layer0-degree", "0", "--layer0-in-degree", "0", "--start-nodes", "0"]),
+    ("fill", "+ layer-0 fill", ["--layer0-in-degree", "0", "--start-nodes", "0"]),
+    ("reverse", "+ reverse links", ["--start-nodes", "0"]),
+    ("cover", "+ start-layer cover (default)", []),
+]
 SETTINGS = {"export default": None, "paper default": ("100,200,400", "1,1,3")}
 
 
@@ -42,8 +43,8 @@ def run(args: list[str]) -> str:
     return done.stdout
 
 
-def linked_workdir(workdir: Path, name: str, seed: int) -> Path:
-    target = workdir / "ablation" / f"{name.strip('+ ').split(' ')[0].replace('-', '')}-seed{seed}"
+def linked_workdir(workdir: Path, folder: str, seed: int) -> Path:
+    target = workdir / "ablation" / f"{folder}-seed{seed}"
     target.mkdir(parents=True, exist_ok=True)
     (workdir / "eval").mkdir(exist_ok=True)
     for part in ("dataset", "model", "embeddings", "eval"):
@@ -64,9 +65,9 @@ def main() -> int:
     args = parser.parse_args()
 
     rows = []
-    variants = list(VARIANTS.items())[-1:] if args.defaults_only else list(VARIANTS.items())
-    for seed, (name, flags) in ((s, v) for s in args.seeds for v in variants):
-        work = linked_workdir(args.workdir, name, seed)
+    variants = VARIANTS[-1:] if args.defaults_only else VARIANTS
+    for seed, (folder, name, flags) in ((s, v) for s in args.seeds for v in variants):
+        work = linked_workdir(args.workdir, folder, seed)
         threads = ["--threads", str(args.threads), "--seed", str(seed)]
         run(["-m", "index_builder", "--workdir", str(work), *threads, *flags])
         run(["-m", "model_export", "export", "--workdir", str(work)])

@@ -266,7 +266,7 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
         )
     del index  # free hnswlib's memory
     gc.collect()
-    in_added = 0
+    in_added, in_seconds = 0, 0.0
     if config.layer0_in_degree:
         started = time.perf_counter()
         low_before = int((graph.in_degrees(0) < config.layer0_in_degree).sum())
@@ -282,7 +282,6 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
             low_before,
             int((graph.in_degrees(0) < config.layer0_in_degree).sum()),
         )
-        fill_seconds += in_seconds
     layer = start_layer([len(nodes) for nodes in graph.nodes], n)
     start_nodes = config.start_nodes
     if start_nodes is None:  # a quarter of the layer below at most, so small graphs keep their shape
@@ -331,6 +330,7 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
             "layer0_fill_seconds": round(fill_seconds, 2),
             "layer0_links_added": added,
             "layer0_in_links_added": in_added,
+            "layer0_in_links_seconds": round(in_seconds, 2),
             "start_layer_cover": cover,
             "hnswlib_layer0_mean_degree": hnsw_stats[0]["mean_degree"],
             "peak_rss_mib": peak_rss_mib(),
