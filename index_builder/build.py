@@ -22,7 +22,7 @@ import numpy as np
 
 from index_builder.graph import KIND, Graph, save_graph
 from index_builder.hnsw_state import graph_from_state
-from index_builder.refine import add_in_links, cover_layer, fill_layer0
+from index_builder.refine import add_in_links, cover_layer, fill_layer0, sparse_items
 from model_export import artifacts
 from model_export.errors import ArtifactError
 
@@ -37,10 +37,13 @@ DEFAULT_LAYER0_IN_DEGREE = 8
 # N / START_SHARE) nodes (model_export.retrieval.default_start_layer). cover_layer tops up
 # the highest layer holding N / START_SHARE, by default to N / COVER_SHARE nodes and at least
 # COVER_MIN (the exporter's default ef of that layer, so that the exporter can start there)
-# where the layer below has four times that many.
+# where the layer below has four times that many. It samples every item but the SPARSE_SHARE
+# farthest from their DENSITY_K-th nearest neighbour.
 START_SHARE = 2000
-COVER_SHARE = 400
+COVER_SHARE = 200
 COVER_MIN = 400
+DENSITY_K = 8
+SPARSE_SHARE = 0.01
 MAX_M = 1024  # hnswlib stores a layer-0 degree (up to 2M) in 16 bits
 
 
@@ -60,8 +63,8 @@ class BuildConfig:
         own neighbours, up to this many where lists have room (2 * m); 0 adds none; None:
         min(DEFAULT_LAYER0_IN_DEGREE, 2 * m). See :func:`add_in_links`.
       start_nodes: the start layer (the highest with at least N / 2000 nodes) is topped up to
-        this many nodes by farthest-point sampling of the layer below; 0 keeps hnswlib's
-        levels; None: N / 400, at least 400 where the layer below holds 1,600 or more. See
+        this many nodes by farthest-point sampling of all items but the sparsest 1%; 0 keeps
+        hnswlib's levels; None: N / 200, at least 400 where the layer below holds 1,600 or more. See
         :func:`cover_layer`.
     """
 
@@ -251,11 +254,19 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
     extract_seconds = time.perf_counter() - started
     logger.info("built in %.1f s, layers extracted in %.1f s", build_seconds, extract_seconds)
     hnsw_stats = graph.layer_stats()
-    fill_seconds, added = 0.0, 0
-    if config.layer0_degree:
+    fill_seconds, added, kth = 0.0, 0, None
+    layer = start_layer([len(nodes) for nodes in graph.nodes], n)
+    start_nodes = config.start_nodes
+    if start_nodes is None:  # a quarter of the layer below at most, so small graphs keep their shape
+        start_nodes = max(round(n / COVER_SHARE), min(COVER_MIN, len(graph.nodes[max(layer - 1, 0)]) // 4))
+    covering = bool(layer) and start_nodes > len(graph.nodes[layer])
+    if config.layer0_degree or covering:
         started = time.perf_counter()
-        graph, added = fill_layer0(graph, index, vectors, config.layer0_degree, config.threads)
+        graph, added, kth = fill_layer0(
+            graph, index, vectors, config.layer0_degree, config.threads, density_k=DENSITY_K
+        )
         fill_seconds = time.perf_counter() - started
+    if config.layer0_degree:
         logger.info(
             "layer 0 (hnswlib: mean degree %.2f) topped up to %d links per node with nearest "
             "neighbours: %d links added in %.1f s",
@@ -282,24 +293,23 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
             low_before,
             int((graph.in_degrees(0) < config.layer0_in_degree).sum()),
         )
-    layer = start_layer([len(nodes) for nodes in graph.nodes], n)
-    start_nodes = config.start_nodes
-    if start_nodes is None:  # a quarter of the layer below at most, so small graphs keep their shape
-        start_nodes = max(round(n / COVER_SHARE), min(COVER_MIN, len(graph.nodes[max(layer - 1, 0)]) // 4))
     cover = {"layer": layer, "hnswlib_nodes": len(graph.nodes[layer]), "seconds": 0.0, "radius": None}
-    if layer and start_nodes > len(graph.nodes[layer]):
+    if covering:
         started = time.perf_counter()
-        graph, cover["radius"] = cover_layer(graph, vectors, layer, start_nodes, config.m)
+        sparse = sparse_items(kth, SPARSE_SHARE)
+        graph, cover["radius"] = cover_layer(graph, vectors, layer, start_nodes, config.m, 0, ~sparse)
         cover["seconds"] = round(time.perf_counter() - started, 2)
+        cover.update(sparse_items_left_out=int(sparse.sum()), density_k=DENSITY_K)
         logger.info(
-            "start layer %d: %d -> %d nodes by farthest-point sampling of layer %d in %.1f s; "
-            "every layer-%d node now lies within %.3g (l2) of one",
+            "start layer %d: %d -> %d nodes by farthest-point sampling of all items (but the %d "
+            "farthest from their %dth nearest neighbour) in %.1f s; every other item now lies within "
+            "%.3g (l2) of one",
             layer,
             cover["hnswlib_nodes"],
             len(graph.nodes[layer]),
-            layer - 1,
+            cover["sparse_items_left_out"],
+            DENSITY_K,
             cover["seconds"],
-            layer - 1,
             cover["radius"],
         )
     cover["nodes"] = len(graph.nodes[layer])

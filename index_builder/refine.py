@@ -4,7 +4,7 @@ hnswlib builds a graph for greedy l2 search. Beam-retrieval walks it with a
 different function, the scorer s_u(e_v), which needs three things l2 search
 does not: more ways out of each node (:func:`fill_layer0`), ways into the nodes
 on the rim of a cluster (:func:`add_in_links`), and a start layer that has a
-node in every region of e_v (:func:`cover_layer`). Each step only adds links or
+node near every item (:func:`cover_layer`). Each step only adds links or
 nodes; hnswlib's own links keep their place at the head of every list.
 """
 
@@ -39,7 +39,9 @@ def _ordered_union(first: np.ndarray, then: np.ndarray, width: int) -> np.ndarra
     return np.take_along_axis(cand, keep, axis=1)[:, :width].astype(np.int32)
 
 
-def fill_layer0(graph: Graph, index, vectors: np.ndarray, degree: int, threads: int, chunk: int = 100_000):
+def fill_layer0(
+    graph: Graph, index, vectors: np.ndarray, degree: int, threads: int, chunk: int = 100_000, density_k: int = 8
+):
     """Tops every layer-0 list up to ``degree`` links with the node's nearest neighbours.
 
     hnswlib's neighbour selection drops a candidate that lies closer to an already kept
@@ -48,36 +50,62 @@ def fill_layer0(graph: Graph, index, vectors: np.ndarray, degree: int, threads: 
     walk guided by a different function, the neural scorer: it needs more ways out of
     each node. Each node keeps hnswlib's links, in their order, followed by its nearest
     neighbours (``knn_query``, ef = max(2 * degree, 64)) that are not links yet. Upper
-    layers are unchanged.
+    layers are unchanged. ``degree`` 0 changes no list and only measures the distances.
 
     Returns:
-      (the graph with the new layer 0, number of links added).
+      (the graph with the new layer 0, number of links added, float32 [N] l2 distance
+      from each item to its ``density_k``-th nearest neighbour: see :func:`sparse_items`).
     """
     n = graph.num_items
-    k = min(degree + 1, n)
-    index.set_ef(max(2 * degree, 64))
+    k = min(max(degree, density_k) + 1, n)
+    index.set_ef(max(2 * k, 64))
     old = graph.neighbors[0]
     width = max(degree, old.shape[1])
-    rows = []
+    rows, kth = [], np.zeros(n, np.float32)
     started = time.perf_counter()
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        labels, _ = index.knn_query(
+        labels, dist = index.knn_query(
             np.ascontiguousarray(vectors[start:stop], np.float32), k=k, num_threads=threads
         )
-        labels = labels.astype(np.int64)
-        labels[labels == np.arange(start, stop)[:, None]] = -1  # a node is not its own neighbour
-        merged = _ordered_union(old[start:stop], labels, width)
-        # Nodes with at least `degree` links keep exactly hnswlib's list; the others stop at `degree`.
-        have = (old[start:stop] >= 0).sum(axis=1)
-        merged[:, degree:] = np.where((have >= degree)[:, None], _pad(old[start:stop], width)[:, degree:], -1)
-        rows.append(merged)
-        logger.info("layer-0 fill: %d/%d nodes in %.0f s", stop, n, time.perf_counter() - started)
+        kth[start:stop] = np.sqrt(np.maximum(dist[:, min(density_k, k - 1)], 0))  # column 0 is the item
+        if degree:
+            labels = labels[:, : degree + 1].astype(np.int64)
+            labels[labels == np.arange(start, stop)[:, None]] = -1  # a node is not its own neighbour
+            merged = _ordered_union(old[start:stop], labels, width)
+            # Nodes with at least `degree` links keep exactly hnswlib's list; the others stop at `degree`.
+            have = (old[start:stop] >= 0).sum(axis=1)
+            merged[:, degree:] = np.where(
+                (have >= degree)[:, None], _pad(old[start:stop], width)[:, degree:], -1
+            )
+            rows.append(merged)
+        logger.info(
+            "%s: %d/%d nodes in %.0f s",
+            "layer-0 fill" if degree else "nearest neighbours",
+            stop,
+            n,
+            time.perf_counter() - started,
+        )
+    if not degree:
+        return graph, 0, kth
     neighbors = np.concatenate(rows)
     added = int((neighbors >= 0).sum() - (old >= 0).sum())
     filled = dataclasses.replace(graph, neighbors=(neighbors, *graph.neighbors[1:]))
     filled.validate()
-    return filled, added
+    return filled, added, kth
+
+
+def sparse_items(kth: np.ndarray, share: float) -> np.ndarray:
+    """bool [N]: the ``share`` of items farthest from their k-th nearest neighbour.
+
+    The start-layer cover (:func:`cover_layer`) should put start nodes in groups of
+    items, not on stray ones: farthest-point sampling otherwise spends its first picks
+    on outliers, which the scorer may rate high for many users and which lead nowhere,
+    so they crowd a user's true region out of the start beam.
+    """
+    if share <= 0 or not len(kth):
+        return np.zeros(len(kth), bool)
+    return kth > np.quantile(kth, 1.0 - share)
 
 
 def add_in_links(
@@ -130,76 +158,154 @@ def add_in_links(
     return out[:, : max(1, int(fill.max()))].astype(np.int32), added
 
 
-def _sq_dist_to_nearest(x: np.ndarray, centres: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Squared l2 distance from each row of ``x`` to its nearest row of ``centres``."""
+def _sq_dist_to_nearest(
+    x: np.ndarray, centres: np.ndarray, rows: int = 65536, cols: int = 1024, xx: np.ndarray | None = None
+) -> np.ndarray:
+    """Squared l2 distance from each row of ``x`` to its nearest row of ``centres`` (blocked).
+
+    ``xx``: the rows' squared norms, if already known.
+    """
     best = np.full(len(x), np.inf, np.float32)
-    xx = (x * x).sum(axis=1)
-    for start in range(0, len(centres), chunk):
-        c = centres[start : start + chunk]
-        d = xx[:, None] - 2 * x @ c.T + (c * c).sum(axis=1)[None]
-        best = np.minimum(best, np.maximum(d.min(axis=1), 0))
+    cc = (centres * centres).sum(axis=1)
+    for r in range(0, len(x), rows):
+        xr = x[r : r + rows]
+        nr = (xr * xr).sum(axis=1) if xx is None else xx[r : r + rows]
+        for c in range(0, len(centres), cols):
+            d = nr[:, None] - 2 * xr @ centres[c : c + cols].T + cc[None, c : c + cols]
+            best[r : r + rows] = np.minimum(best[r : r + rows], np.maximum(d.min(axis=1), 0))
     return best
 
 
-def cover_layer(graph: Graph, vectors: np.ndarray, layer: int, size: int, m: int) -> tuple[Graph, float]:
-    """Raises nodes of layer ``layer - 1`` into ``layer`` until it holds ``size`` nodes.
+def farthest_points(x: np.ndarray, dist: np.ndarray, count: int, batch: int = 64, active: int = 16384) -> np.ndarray:
+    """Farthest-point sampling: ``count`` rows of ``x``, each the farthest from all before it.
+
+    ``dist`` holds each row's squared distance to the centres chosen so far (0 for
+    centres); it is updated in place. Exact, yet cheap at millions of rows, for two reasons:
+
+    - Only the ``active`` farthest rows are searched and updated, until the farthest of
+      them falls below the nearest row left out (the others can only be nearer). Then
+      the new centres are applied to every row in one matrix product and the active
+      rows are drawn again.
+    - Candidates are taken in batches in order of distance: the j-th is the next
+      farthest point as long as it lies at least its own distance from each candidate
+      taken before it in the batch. The first that does not ends the batch.
+
+    Returns:
+      int64 row numbers, in the order chosen (fewer than ``count`` if every row is a centre).
+    """
+    chosen: list[int] = []
+    applied = 0  # chosen[:applied] are reflected in every row of dist
+    xx = (x * x).sum(axis=1)
+    while len(chosen) < count:
+        if applied < len(chosen):
+            np.minimum(dist, _sq_dist_to_nearest(x, x[chosen[applied:]], xx=xx), out=dist)
+            dist[chosen[applied:]] = 0.0  # exactly, whatever the rounding
+            applied = len(chosen)
+        size = min(active, len(dist))
+        rows = np.argpartition(-dist, size - 1)[:size]
+        floor = float(dist[rows].min()) if size < len(dist) else 0.0  # no row left out is farther
+        d, xa = dist[rows], x[rows]
+        progress = False
+        while len(chosen) < count:
+            top = min(batch, size)
+            cand = np.argpartition(-d, top - 1)[:top]
+            cand = cand[np.argsort(-d[cand], kind="stable")]
+            c = xa[cand]
+            pair = (c * c).sum(axis=1)[:, None] - 2 * c @ c.T + (c * c).sum(axis=1)[None]
+            taken: list[int] = []
+            for j in range(top):
+                if len(chosen) + len(taken) == count or d[cand[j]] <= 0 or d[cand[j]] < floor:
+                    break
+                if taken and pair[j, taken].min() < d[cand[j]]:
+                    break
+                taken.append(j)
+            if not taken:
+                break
+            new = cand[taken]
+            chosen.extend(rows[new].tolist())
+            d[new] = 0.0
+            np.minimum(d, _sq_dist_to_nearest(xa, xa[new], xx=xx[rows]), out=d)
+            d[new] = 0.0
+            progress = True
+        if not progress and applied == len(chosen):
+            break  # every row is a centre
+    if applied < len(chosen):
+        np.minimum(dist, _sq_dist_to_nearest(x, x[chosen[applied:]], xx=xx), out=dist)
+        dist[chosen[applied:]] = 0.0
+    return np.asarray(chosen, np.int64)
+
+
+def cover_layer(
+    graph: Graph,
+    vectors: np.ndarray,
+    layer: int,
+    size: int,
+    m: int,
+    source: int = 0,
+    eligible: np.ndarray | None = None,
+) -> tuple[Graph, float]:
+    """Raises nodes of layer ``source`` into ``layer`` until it holds ``size`` nodes.
 
     Beam-retrieval scores its start layer exhaustively and walks down from the best
     of it. A walk only moves through nodes that score well, so a group of items that
     no start node lies in, and that only low-scoring nodes link to (a category of its
     own, far from the others in e_v), is never reached, however well its items score:
     that user then loses most of the top k. hnswlib draws levels at random, so at
-    1.3M items about N/1000 start nodes leave most such groups without one. This adds
-    nodes by farthest-point sampling of the layer below (each new node is the one
-    farthest from every node already in ``layer``), which covers every region of
-    e_v before it adds a second node to any. Each new node links to its m // 2
-    nearest nodes of ``layer`` and gets reverse links from them where lists have room.
+    1.3M items a category of 50 items has no layer-1 node one time in five, and about
+    N/1000 start nodes leave most such groups without one. This adds nodes by
+    farthest-point sampling of layer ``source`` (by default every item: each new node
+    is the item farthest from every node already in ``layer``), which covers every
+    region of e_v before it adds a second node to any. A new node joins every layer
+    from ``source + 1`` up to ``layer``; on each it links to its m // 2 nearest nodes
+    of that layer and gets reverse links from them where lists have room.
+
+    ``eligible`` (bool [N], None: every item) limits the sampling to some items: the
+    others are neither promoted nor counted as uncovered.
 
     Returns:
-      (the graph, the covering radius: the largest l2 distance from a node of layer
-      ``layer - 1`` to its nearest node of ``layer``).
+      (the graph, the covering radius: the largest l2 distance from an eligible node of
+      layer ``source`` to its nearest node of ``layer``).
     """
-    have, below = graph.nodes[layer], graph.nodes[layer - 1]
-    x = np.ascontiguousarray(vectors[below], np.float32)
+    if not 0 <= source < layer <= graph.max_level:
+        raise ValueError(f"need 0 <= source < layer <= {graph.max_level}, got source {source}, layer {layer}")
+    have, pool = graph.nodes[layer], graph.nodes[source]
+    if eligible is not None:
+        pool = pool[eligible[pool]]
+    x = np.ascontiguousarray(vectors[pool], np.float32)
     dist = _sq_dist_to_nearest(x, np.ascontiguousarray(vectors[have], np.float32))
-    member = np.isin(below, have)
-    dist[member] = 0.0  # exactly, whatever the rounding of the expanded distance
-    chosen = []
-    for _ in range(max(0, size - len(have))):
-        row = int(np.where(member, -1.0, dist).argmax())
-        if member[row]:
-            break  # every node of the layer below is in this layer now
-        chosen.append(row)
-        member[row] = True
-        dist = np.minimum(dist, ((x - x[row]) ** 2).sum(axis=1))
-        dist[row] = 0.0
+    dist[np.isin(pool, have)] = 0.0  # exactly, whatever the rounding of the expanded distance
+    chosen = farthest_points(x, dist, max(0, size - len(have)))
     radius = float(np.sqrt(dist.max()))
-    if not chosen:
+    del x
+    if not len(chosen):
         return graph, radius
-    new = below[np.array(chosen)]
+    new = pool[chosen]
     levels = graph.levels.copy()
-    levels[new] = layer  # nodes of the layer below that were not in this layer: level layer - 1
-    nodes = np.flatnonzero(levels >= layer).astype(np.int32)
-    # New rows: the m // 2 nearest nodes of the grown layer (exact; the layer is small).
-    degree = max(1, min(m // 2, len(nodes) - 1))
-    members = np.ascontiguousarray(vectors[nodes], np.float32)
-    nm = (members * members).sum(axis=1)
-    rows = np.full((len(nodes), max(degree, graph.neighbors[layer].shape[1])), -1, np.int32)
-    rows[np.searchsorted(nodes, have), : graph.neighbors[layer].shape[1]] = graph.neighbors[layer]
-    for start in range(0, len(new), 1024):
-        part = new[start : start + 1024]
-        q = np.ascontiguousarray(vectors[part], np.float32)
-        d = (q * q).sum(axis=1)[:, None] - 2 * q @ members.T + nm[None]
-        d[np.arange(len(part)), np.searchsorted(nodes, part)] = np.inf  # not its own neighbour
-        nearest = np.argsort(d, axis=1)[:, :degree]
-        rows[np.searchsorted(nodes, part)] = _pad(nodes[nearest], rows.shape[1])
-    rows, _ = add_in_links(rows, degree, m, nodes)
-    covered = dataclasses.replace(
-        graph,
-        levels=levels,
-        nodes=(*graph.nodes[:layer], nodes, *graph.nodes[layer + 1 :]),
-        neighbors=(*graph.neighbors[:layer], rows, *graph.neighbors[layer + 1 :]),
-    )
+    levels[new] = layer
+    nodes, neighbors = list(graph.nodes), list(graph.neighbors)
+    for lay in range(source + 1, layer + 1):
+        old = graph.nodes[lay]
+        grown = np.flatnonzero(levels >= lay).astype(np.int32)
+        added = np.setdiff1d(grown, old)
+        if not len(added):
+            continue
+        # New rows: the m // 2 nearest nodes of the grown layer (exact; upper layers are small).
+        degree = max(1, min(m // 2, len(grown) - 1))
+        members = np.ascontiguousarray(vectors[grown], np.float32)
+        nm = (members * members).sum(axis=1)
+        rows = np.full((len(grown), max(degree, neighbors[lay].shape[1])), -1, np.int32)
+        rows[np.searchsorted(grown, old), : neighbors[lay].shape[1]] = neighbors[lay]
+        for start in range(0, len(added), 1024):
+            part = added[start : start + 1024]
+            q = np.ascontiguousarray(vectors[part], np.float32)
+            d = (q * q).sum(axis=1)[:, None] - 2 * q @ members.T + nm[None]
+            d[np.arange(len(part)), np.searchsorted(grown, part)] = np.inf  # not its own neighbour
+            nearest = np.argpartition(d, degree - 1, axis=1)[:, :degree]  # degree < len(grown)
+            nearest = np.take_along_axis(nearest, np.argsort(np.take_along_axis(d, nearest, 1), 1), 1)
+            rows[np.searchsorted(grown, part)] = _pad(grown[nearest], rows.shape[1])
+        rows, _ = add_in_links(rows, degree, m, grown)
+        nodes[lay], neighbors[lay] = grown, rows
+    covered = dataclasses.replace(graph, levels=levels, nodes=tuple(nodes), neighbors=tuple(neighbors))
     covered.validate()
     return covered, radius
 

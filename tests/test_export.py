@@ -227,3 +227,27 @@ def test_command_line_defaults_are_the_export_defaults():
     args = cli.build_parser().parse_args(["export", "--workdir", "w"])
     assert tuple(args.ef) == export_module.DEFAULT_EF and tuple(args.steps) == export_module.DEFAULT_STEPS
     assert args.k == export_module.DEFAULT_K
+
+
+def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation):
+    """benchmarks/walk_replay.py, used to compare graph builds, walks as the SavedModel does."""
+    import importlib.util
+
+    from index_builder.graph import load_graph
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "walk_replay.py"
+    spec = importlib.util.spec_from_file_location("walk_replay", path)
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    graph = load_graph(workdir / "index")
+    scores = replay.exact_scores(evaluation)
+    for ef, steps in (((20, 40), (1, 2)), ((10, 20), (2, 3))):
+        ids, scored = evaluation.retrieve("beam", 10, ef, steps, progress=False)
+        overlap = []
+        for u in range(evaluation.num_users):
+            top, n = replay.replay_user(graph, scores[u], list(ef), list(steps), EXPORT.start_layer, 10)
+            assert n == scored[u], (u, ef, steps)
+            overlap.append(len(np.intersect1d(top, ids[u])) / 10)
+        # Float rounding differs between the Keras model and the SavedModel's graph: a near-tie at
+        # the beam's edge may flip, nothing more.
+        assert np.mean(overlap) >= 0.99, (ef, steps, np.mean(overlap))

@@ -253,11 +253,13 @@ def test_cli_round_trip(workdir, caplog):
     assert graph.num_items == 600 and len(graph.nodes) == graph.max_level + 1
     meta = json.loads((path / "index" / "meta.json").read_text())
     assert meta["kind"] == "index"
-    # Default start nodes: N / 400, or up to 400 where a quarter of the layer below allows.
+    # Default start nodes: N / 200, or up to 400 where a quarter of the layer below allows.
     cover = meta["start_layer_cover"]
     below = len(graph.nodes[cover["layer"] - 1])
-    assert meta["params"].pop("start_nodes") == max(2, min(400, below // 4))
-    assert cover["nodes"] == max(cover["hnswlib_nodes"], max(2, min(400, below // 4)))
+    assert meta["params"].pop("start_nodes") == max(3, min(400, below // 4))
+    assert cover["nodes"] == max(cover["hnswlib_nodes"], max(3, min(400, below // 4)))
+    assert cover["nodes"] > cover["hnswlib_nodes"]  # the sparsest 1% of the items were not sampled:
+    assert cover["sparse_items_left_out"] == 6 and cover["density_k"] == 8
     assert meta["params"] == {
         "m": M,
         "ef_construction": 40,
@@ -368,6 +370,62 @@ def test_cover_layer_gives_every_cluster_a_start_node():
     # More than the layer below holds: every node of layer 0 ends in layer 1, radius 0.
     everything, radius = refine.cover_layer(graph, vectors, 1, 5000, 64)
     assert len(everything.nodes[1]) == 1500 and radius == 0
+
+
+@pytest.mark.parametrize("active", [16384, 100])
+def test_farthest_points_is_exact_farthest_point_sampling(active):
+    # The batched sampler picks what the one-at-a-time definition picks, on spread and on clustered
+    # data, also when it searches only the farthest `active` rows between full updates.
+    rng = np.random.default_rng(3)
+    for x in (
+        rng.standard_normal((3000, 8)).astype(np.float32),
+        (rng.standard_normal((40, 8))[rng.integers(0, 40, 3000)] * 5 + rng.standard_normal((3000, 8)))
+        .astype(np.float32),
+    ):
+        first = np.array([7, 100])
+        dist = ((x[:, None] - x[first][None]) ** 2).sum(-1).min(1)
+        dist[first] = 0
+        naive, d = [], dist.astype(np.float64).copy()
+        for _ in range(150):
+            row = int(d.argmax())
+            naive.append(row)
+            d = np.minimum(d, ((x.astype(np.float64) - x[row]) ** 2).sum(1))
+        left = dist.copy()
+        batched = refine.farthest_points(x, left, 150, active=active)
+        np.testing.assert_array_equal(batched, naive)
+        np.testing.assert_allclose(left, d, rtol=1e-4, atol=1e-3)  # every row's distance is up to date
+    # Asking for more than there are rows stops when every row is a centre.
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    dist = ((x - x[0]) ** 2).sum(1)
+    dist[0] = 0
+    assert sorted(refine.farthest_points(x, dist, 100, active=active).tolist()) == list(range(1, 30))
+
+
+def test_cover_reaches_small_groups_that_have_no_node_on_the_layers_between():
+    # 300 groups of 5 far-apart items: with M = 8 hnswlib's layer 1 holds about 1/8 of the items,
+    # so about half the groups have no layer-1 node at all. Covering the start layer (2) from
+    # layer 0 gives every group a start node, which joins layer 1 on the way with links of its own.
+    rng = np.random.default_rng(11)
+    centres = rng.standard_normal((300, DIM)) * 10
+    group = np.repeat(np.arange(300), 5)
+    vectors = (centres[group] + 0.05 * rng.standard_normal((1500, DIM))).astype(np.float32)
+    config = build.BuildConfig(m=8, threads=1, layer0_degree=0, layer0_in_degree=0)
+    graph = build.extract_graph(build.build_hnsw(vectors, config))
+    assert graph.max_level >= 2
+    without = np.setdiff1d(np.arange(300), group[graph.nodes[1]])
+    assert len(without) > 50
+    covered, radius = refine.cover_layer(graph, vectors, 2, 320, 8)
+    assert len(np.unique(group[covered.nodes[2]])) == 300 and radius < 1.0
+    new = np.setdiff1d(covered.nodes[2], graph.nodes[2])
+    assert np.isin(new, covered.nodes[1]).all()  # levels stay nested
+    for label in np.setdiff1d(new, graph.nodes[1])[:20]:  # new to layer 1: its 4 nearest there, then reverse links
+        links = covered.neighbors[1][np.searchsorted(covered.nodes[1], label)]
+        d = ((vectors[covered.nodes[1]] - vectors[label]) ** 2).sum(-1)
+        assert set(links[links >= 0][:4].tolist()) == set(covered.nodes[1][np.argsort(d)[1:5]].tolist())
+    assert covered.in_degrees(1).min() > 0 and covered.in_degrees(2).min() > 0
+    np.testing.assert_array_equal(covered.neighbors[0], graph.neighbors[0])
+    with pytest.raises(ValueError, match="source < layer"):
+        refine.cover_layer(graph, vectors, 1, 10, 8, source=1)
 
 
 def test_layer0_degree_above_2m_is_one_clear_line(workdir, capsys):

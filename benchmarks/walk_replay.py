@@ -1,0 +1,182 @@
+"""Replays Beam-retrieval in numpy over exact scores: per-user coverage of graph variants in seconds.
+
+Export + evaluate through the SavedModel costs minutes per graph at 1.37M items. For graph
+design it is enough to score every item once per evaluated user (the exhaustive pass,
+cached under ``DIR/eval/scores/``) and replay Algorithms 1 + 2 (DESIGN.md section 2)
+over those scores on each graph. The replay walks exactly as
+``model_export.retrieval.beam_retrieval``: start layer scored whole, its best ef seed the
+walk, T rounds per layer expanding the newest beam members, early stop when none enters.
+``tests/test_walk_replay.py`` checks it against the SavedModel.
+
+    python benchmarks/walk_replay.py --workdir runs/big/din-fgsm --users 64 \
+        --index runs/big/din-fgsm/index runs/big/din-fgsm/ablation/cover-seed2/index \
+        [--ef 400,400,400 --steps 1,3,10] [--out benchmarks/results/replay.json]
+
+For each graph it prints the mean coverage@k, the % of the corpus scored, and the users
+below ``--report-below`` with what their missed items look like (level, in-links, and the
+best score among the nodes that link to them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def replay_user(graph, scores: np.ndarray, ef: list[int], steps: list[int], start_layer: int, k: int):
+    """Algorithm 1 + 2 for one user over exact ``scores`` [N]: (top-k dense ids, items scored).
+
+    ``ef`` and ``steps`` run top-down from ``start_layer`` to layer 0, as the export's.
+    """
+    n = len(scores)
+    start = graph.nodes[start_layer]
+    scored = len(start)
+    order = np.argsort(-scores[start], kind="stable")[: ef[0]]
+    beam = start[order]
+    for i, layer in enumerate(range(start_layer - 1, -1, -1)):
+        width, rounds = ef[i + 1], steps[i + 1]
+        rows = graph.positions(layer) if layer else None
+        table = graph.neighbors[layer]
+        visited = np.zeros(n, bool)
+        visited[beam] = True
+        cand = beam  # Algorithm 2 expands every entry point
+        beam = beam[np.argsort(-scores[beam], kind="stable")[:width]]
+        for _ in range(rounds):
+            nb = table[cand if rows is None else rows[cand]].ravel()
+            nb = nb[nb >= 0]
+            if rows is not None:
+                nb = nb[rows[nb] >= 0]
+            new = np.unique(nb[~visited[nb]])
+            if not len(new):
+                break
+            visited[new] = True
+            scored += len(new)
+            pool = np.concatenate([beam, new])
+            keep = pool[np.argsort(-scores[pool], kind="stable")[:width]]
+            cand = np.intersect1d(keep, new)
+            beam = keep
+            if not len(cand):
+                break
+    top = beam[np.argsort(-scores[beam], kind="stable")[:k]]
+    return top, scored
+
+
+def exact_scores(evaluation, chunk: int = 65536) -> np.ndarray:
+    """float32 [users, N]: every item's score for an :class:`Evaluation`'s users."""
+    import tensorflow as tf
+
+    model, item_e = evaluation.model, tf.constant(evaluation.item_e)
+    out = np.empty((evaluation.num_users, len(evaluation.item_e)), np.float32)
+    for u in range(evaluation.num_users):
+        hist_e, mask = model.behaviour_embeddings(tf.constant(evaluation.histories[u : u + 1], tf.int32))
+        state = model.user_state(hist_e, mask)
+        for s in range(0, out.shape[1], chunk):
+            out[u, s : s + chunk] = model.score(state, item_e[None, s : s + chunk]).numpy()[0]
+        if evaluation.num_users > 1:
+            print(f"scored user {u + 1}/{evaluation.num_users}", file=sys.stderr, flush=True)
+    return out
+
+
+def cached_scores(workdir: Path, users: int, seed: int = 0, split: str = "test") -> np.ndarray:
+    """:func:`exact_scores` of ``evaluate --users``' sample, cached in DIR/eval/scores/."""
+    from model_export import artifacts
+    from model_export.evaluate import Evaluation
+
+    evaluation = Evaluation(workdir, split, users, seed)
+    key = artifacts.digest(evaluation.train_meta)[:16]
+    path = workdir / "eval" / "scores" / f"{key}-{split}-users{evaluation.num_users}-seed{seed}.npy"
+    if path.is_file():
+        return np.load(path)
+    out = exact_scores(evaluation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
+    np.save(tmp, out)
+    os.replace(tmp, path)
+    return out
+
+
+def diagnose(graph, scores: np.ndarray, missed: np.ndarray, kth: float) -> dict:
+    """What the missed items of one user look like: levels, in-links, best in-linking score."""
+    nb0 = graph.neighbors[0]
+    src = np.flatnonzero(np.isin(nb0, missed).any(axis=1))  # nodes linking to a missed item
+    best_in = []
+    for v in missed:
+        linkers = src[(nb0[src] == v).any(axis=1)]
+        best_in.append(float(scores[linkers].max()) if len(linkers) else -np.inf)
+    return {
+        "missed": len(missed),
+        "missed_on_layer1": int((graph.levels[missed] >= 1).sum()),
+        "missed_median_in_links": float(np.median([len(src[(nb0[src] == v).any(axis=1)]) for v in missed])),
+        "missed_best_in_link_score_median": float(np.median(best_in)),
+        "kth_score": kth,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, type=Path, help="trained workdir (dataset, model, embeddings)")
+    parser.add_argument("--index", nargs="+", type=Path, required=True, help="index/ directories to replay")
+    parser.add_argument("--users", type=int, default=64, help="seeded test users (as evaluate --users)")
+    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--ef", default="400,400,400", help="top-down from the start layer (default: export's)")
+    parser.add_argument("--steps", default="1,3,10", help="top-down from the start layer")
+    parser.add_argument("--report-below", type=float, default=0.9, help="diagnose users below this coverage")
+    parser.add_argument("--out", type=Path, help="JSON file for the per-graph results")
+    args = parser.parse_args()
+    from index_builder.graph import load_graph
+    from model_export.retrieval import default_start_layer
+
+    ef = [int(x) for x in args.ef.split(",")]
+    steps = [int(x) for x in args.steps.split(",")]
+    scores = cached_scores(args.workdir, args.users)
+    reference = np.argsort(-scores, axis=1, kind="stable")[:, : args.k]
+    results = []
+    for index in args.index:
+        started = time.perf_counter()
+        graph = load_graph(index, verify=False)
+        bottom_up = ef[::-1]
+        start_layer = default_start_layer([len(x) for x in graph.nodes], bottom_up, graph.num_items)
+        if start_layer + 1 != len(ef):
+            print(f"{index}: start layer {start_layer} needs {start_layer + 1} ef values", file=sys.stderr)
+            return 2
+        cover, cost, weak = [], [], []
+        for u in range(len(scores)):
+            top, scored = replay_user(graph, scores[u], ef, steps, start_layer, args.k)
+            c = len(np.intersect1d(top, reference[u])) / args.k
+            cover.append(c)
+            cost.append(scored)
+            if c < args.report_below:
+                missed = np.setdiff1d(reference[u], top)
+                weak.append({"user": u, "coverage": c, **diagnose(graph, scores[u], missed, float(scores[u, reference[u, -1]]))})
+        row = {
+            "index": str(index),
+            "start_layer": start_layer,
+            "start_nodes": len(graph.nodes[start_layer]),
+            "ef": ef,
+            "steps": steps,
+            "coverage": round(float(np.mean(cover)), 4),
+            "min_coverage": round(float(np.min(cover)), 4),
+            "scored_percent": round(100 * float(np.mean(cost)) / graph.num_items, 3),
+            "weak_users": weak,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report = {"command": "python benchmarks/walk_replay.py " + " ".join(sys.argv[1:]), "rows": results}
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
