@@ -80,6 +80,13 @@ def main() -> int:
         help="Table 1 beam widths, top-down (trimmed or extended to the export's depth)",
     )
     parser.add_argument("--table1-steps", type=parse_list, default=(1, 1, 2))
+    parser.add_argument(
+        "--beam-also",
+        nargs="*",
+        default=[],
+        metavar="EF/T",
+        help="more beam settings to time, each top-down ef and T, e.g. 100,200,400/1,1,3",
+    )
     parser.add_argument("--exhaustive-queries", type=int, default=5, help="timed exhaustive requests")
     parser.add_argument("--out", type=Path, help="JSON written (default results/serving_latency_N.json)")
     parser.add_argument(
@@ -112,6 +119,10 @@ def main() -> int:
 
     settings = [
         ("beam", tuple(params["ef"]), tuple(params["steps"]), "default"),
+        *(
+            ("beam", fit(parse_list(ef)), fit(parse_list(steps)), f"ef {ef} T {steps}")
+            for ef, steps in (setting.split("/") for setting in args.beam_also)
+        ),
         ("beam", fit(args.table1_ef), fit(args.table1_steps), "table1"),
         ("beam_sets", fit(args.table1_ef), fit(args.table1_steps), "table1"),
         ("hnsw", tuple(params["ef"]), tuple(params["steps"]), "default"),

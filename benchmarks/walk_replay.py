@@ -10,7 +10,7 @@ walk, T rounds per layer expanding the newest beam members, early stop when none
 
     python benchmarks/walk_replay.py --workdir runs/big/din-fgsm --users 64 \
         --index runs/big/din-fgsm/index runs/big/din-fgsm/ablation/cover-seed2/index \
-        [--ef 400,400,400 --steps 1,3,10] [--out benchmarks/results/replay.json]
+        [--ef 100,200,400 --steps 1,1,3] [--out benchmarks/results/replay.json]
 
 For each graph it prints the mean coverage@k, the % of the corpus scored, and the users
 below ``--report-below`` with what their missed items look like (level, in-links, and the
@@ -127,8 +127,8 @@ def main() -> int:
     parser.add_argument("--index", nargs="+", type=Path, required=True, help="index/ directories to replay")
     parser.add_argument("--users", type=int, default=64, help="seeded test users (as evaluate --users)")
     parser.add_argument("--k", type=int, default=200)
-    parser.add_argument("--ef", default="400,400,400", help="top-down from the start layer (default: export's)")
-    parser.add_argument("--steps", default="1,3,10", help="top-down from the start layer")
+    parser.add_argument("--ef", default="100,200,400", help="top-down from the start layer (default: export's)")
+    parser.add_argument("--steps", default="1,1,3", help="top-down from the start layer (default: export's)")
     parser.add_argument("--report-below", type=float, default=0.9, help="diagnose users below this coverage")
     parser.add_argument("--out", type=Path, help="JSON file for the per-graph results")
     args = parser.parse_args()

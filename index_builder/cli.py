@@ -104,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(0),
         default=None,
         help="top the start layer (the highest with at least N/2000 nodes) up to S nodes by "
-        "farthest-point sampling of all items, so that every region of e_v has a start node "
-        "(default N/400, at least 400 if the layer below has 1,600; 0 keeps hnswlib's levels). "
-        "The walk never crosses low-scoring ground, so a group of items without a start node of "
-        "its own is lost",
+        "farthest-point sampling of all items but the sparsest 1%%, so that every group of items "
+        "has a start node (default N/200, at least 400 if the layer below has 1,600; 0 keeps "
+        "hnswlib's levels). The walk never crosses low-scoring ground, so a group of items without "
+        "a start node of its own is lost",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser

@@ -263,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--ef",
         type=_int_list,
-        default=(400, 400, 400),
-        help="default beam widths, top-down to layer 0 (default 400,400,400; the paper's are 100,200,400)",
+        default=(100, 200, 400),
+        help="default beam widths, top-down to layer 0 (default 100,200,400, the paper's)",
     )
     ex.add_argument(
         "--steps",
         type=_int_list,
-        default=(1, 3, 10),
-        help="default most rounds T per layer, top-down (default 1,3,10; the paper's are 1,1,3); "
+        default=(1, 1, 3),
+        help="default most rounds T per layer, top-down (default 1,1,3, the paper's); "
         "each layer's loop stops early once no new item enters the beam",
     )
     return parser
