@@ -123,11 +123,15 @@ def diagnose(graph, scores: np.ndarray, missed: np.ndarray, kth: float) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, type=Path, help="trained workdir (dataset, model, embeddings)")
+    parser.add_argument(
+        "--workdir", required=True, type=Path, help="trained workdir (dataset, model, embeddings)"
+    )
     parser.add_argument("--index", nargs="+", type=Path, required=True, help="index/ directories to replay")
     parser.add_argument("--users", type=int, default=64, help="seeded test users (as evaluate --users)")
     parser.add_argument("--k", type=int, default=200)
-    parser.add_argument("--ef", default="100,200,400", help="top-down from the start layer (default: export's)")
+    parser.add_argument(
+        "--ef", default="100,200,400", help="top-down from the start layer (default: export's)"
+    )
     parser.add_argument("--steps", default="1,1,3", help="top-down from the start layer (default: export's)")
     parser.add_argument("--report-below", type=float, default=0.9, help="diagnose users below this coverage")
     parser.add_argument("--out", type=Path, help="JSON file for the per-graph results")
@@ -156,7 +160,13 @@ def main() -> int:
             cost.append(scored)
             if c < args.report_below:
                 missed = np.setdiff1d(reference[u], top)
-                weak.append({"user": u, "coverage": c, **diagnose(graph, scores[u], missed, float(scores[u, reference[u, -1]]))})
+                weak.append(
+                    {
+                        "user": u,
+                        "coverage": c,
+                        **diagnose(graph, scores[u], missed, float(scores[u, reference[u, -1]])),
+                    }
+                )
         row = {
             "index": str(index),
             "start_layer": start_layer,

@@ -40,7 +40,13 @@ def _ordered_union(first: np.ndarray, then: np.ndarray, width: int) -> np.ndarra
 
 
 def fill_layer0(
-    graph: Graph, index, vectors: np.ndarray, degree: int, threads: int, chunk: int = 100_000, density_k: int = 8
+    graph: Graph,
+    index,
+    vectors: np.ndarray,
+    degree: int,
+    threads: int,
+    chunk: int = 100_000,
+    density_k: int = 8,
 ):
     """Tops every layer-0 list up to ``degree`` links with the node's nearest neighbours.
 
@@ -176,7 +182,9 @@ def _sq_dist_to_nearest(
     return best
 
 
-def farthest_points(x: np.ndarray, dist: np.ndarray, count: int, batch: int = 64, active: int = 16384) -> np.ndarray:
+def farthest_points(
+    x: np.ndarray, dist: np.ndarray, count: int, batch: int = 64, active: int = 16384
+) -> np.ndarray:
     """Farthest-point sampling: ``count`` rows of ``x``, each the farthest from all before it.
 
     ``dist`` holds each row's squared distance to the centres chosen so far (0 for
@@ -257,7 +265,8 @@ def cover_layer(
     is the item farthest from every node already in ``layer``), which covers every
     region of e_v before it adds a second node to any. A new node joins every layer
     from ``source + 1`` up to ``layer``; on each it links to its m // 2 nearest nodes
-    of that layer and gets reverse links from them where lists have room.
+    of that layer, and every node of a layer that grew, old or new, with fewer than
+    m // 2 in-links gets reverse links (:func:`add_in_links`) where lists have room.
 
     ``eligible`` (bool [N], None: every item) limits the sampling to some items: the
     others are neither promoted nor counted as uncovered.

@@ -379,8 +379,9 @@ def test_farthest_points_is_exact_farthest_point_sampling(active):
     rng = np.random.default_rng(3)
     for x in (
         rng.standard_normal((3000, 8)).astype(np.float32),
-        (rng.standard_normal((40, 8))[rng.integers(0, 40, 3000)] * 5 + rng.standard_normal((3000, 8)))
-        .astype(np.float32),
+        (rng.standard_normal((40, 8))[rng.integers(0, 40, 3000)] * 5 + rng.standard_normal((3000, 8))).astype(
+            np.float32
+        ),
     ):
         first = np.array([7, 100])
         dist = ((x[:, None] - x[first][None]) ** 2).sum(-1).min(1)
@@ -418,7 +419,9 @@ def test_cover_reaches_small_groups_that_have_no_node_on_the_layers_between():
     assert len(np.unique(group[covered.nodes[2]])) == 300 and radius < 1.0
     new = np.setdiff1d(covered.nodes[2], graph.nodes[2])
     assert np.isin(new, covered.nodes[1]).all()  # levels stay nested
-    for label in np.setdiff1d(new, graph.nodes[1])[:20]:  # new to layer 1: its 4 nearest there, then reverse links
+    for label in np.setdiff1d(new, graph.nodes[1])[
+        :20
+    ]:  # new to layer 1: its 4 nearest there, then reverse links
         links = covered.neighbors[1][np.searchsorted(covered.nodes[1], label)]
         d = ((vectors[covered.nodes[1]] - vectors[label]) ** 2).sum(-1)
         assert set(links[links >= 0][:4].tolist()) == set(covered.nodes[1][np.argsort(d)[1:5]].tolist())
