@@ -294,6 +294,8 @@ def build_index(workdir: str | Path, config: BuildConfig) -> dict:
             int((graph.in_degrees(0) < config.layer0_in_degree).sum()),
         )
     cover = {"layer": layer, "hnswlib_nodes": len(graph.nodes[layer]), "seconds": 0.0, "radius": None}
+    if not config.layer0_degree:  # the nearest-neighbour pass only measured distances for the cover
+        cover["neighbour_seconds"], fill_seconds = round(fill_seconds, 2), 0.0
     if covering:
         started = time.perf_counter()
         sparse = sparse_items(kth, SPARSE_SHARE)

@@ -556,3 +556,20 @@ def test_module_entry_point_runs_without_tensorflow(workdir):
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stderr
     load_graph(path / "index")
+
+
+def test_cover_without_layer0_fill_keeps_hnswlibs_layer0(workdir):
+    # The cover still needs each item's 8th-neighbour distance; the pass that measures it must not
+    # change layer 0 when the fill is off.
+    path, _ = workdir
+    assert (
+        run_cli("--workdir", str(path), "--m", str(M), "--layer0-degree", "0", "--layer0-in-degree", "0") == 0
+    )
+    covered = load_graph(path / "index")
+    meta = json.loads((path / "index" / "meta.json").read_text())
+    assert meta["start_layer_cover"]["nodes"] > meta["start_layer_cover"]["hnswlib_nodes"]
+    assert meta["layer0_fill_seconds"] == 0 and meta["start_layer_cover"]["neighbour_seconds"] >= 0
+    config = build.BuildConfig(m=M, threads=1)
+    vectors = np.load(path / "embeddings" / "item_embeddings.npy")
+    plain = build.extract_graph(build.build_hnsw(vectors, config))
+    np.testing.assert_array_equal(covered.neighbors[0], plain.neighbors[0])
