@@ -6,7 +6,8 @@ cached under ``DIR/eval/scores/``) and replay Algorithms 1 + 2 (DESIGN.md sectio
 over those scores on each graph. The replay walks exactly as
 ``model_export.retrieval.beam_retrieval``: start layer scored whole, its best ef seed the
 walk, T rounds per layer expanding the newest beam members, early stop when none enters.
-``tests/test_walk_replay.py`` checks it against the SavedModel.
+A test (``tests/test_export.py``) checks it against the SavedModel. The scores take
+4 bytes per user and item (1.4 GB for 256 users at 1.37M items).
 
     python benchmarks/walk_replay.py --workdir runs/big/din-fgsm --users 64 \
         --index runs/big/din-fgsm/index runs/big/din-fgsm/ablation/cover-seed2/index \
