@@ -213,7 +213,7 @@ def farthest_points(
         rows = np.argpartition(-dist, size - 1)[:size]
         floor = float(dist[rows].min()) if size < len(dist) else 0.0  # no row left out is farther
         d, xa = dist[rows], x[rows]
-        progress = False
+        before = len(chosen)
         while len(chosen) < count:
             top = min(batch, size)
             cand = np.argpartition(-d, top - 1)[:top]
@@ -234,9 +234,8 @@ def farthest_points(
             d[new] = 0.0
             np.minimum(d, _sq_dist_to_nearest(xa, xa[new], xx=xx[rows]), out=d)
             d[new] = 0.0
-            progress = True
-        if not progress and applied == len(chosen):
-            break  # every row is a centre
+        if len(chosen) == before:
+            break  # right after a full update nothing was taken: every row is a centre
     if applied < len(chosen):
         np.minimum(dist, _sq_dist_to_nearest(x, x[chosen[applied:]], xx=xx), out=dist)
         dist[chosen[applied:]] = 0.0
