@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from model_export import artifacts  # noqa: E402
 from model_export.data import load_dataset  # noqa: E402
 from model_export.export import latest_export  # noqa: E402
+from nann_common import artifacts  # noqa: E402
 
 
 def parse_list(text: str) -> tuple[int, ...]:

@@ -89,8 +89,8 @@ def exact_scores(evaluation, chunk: int = 65536) -> np.ndarray:
 
 def cached_scores(workdir: Path, users: int, seed: int = 0, split: str = "test") -> np.ndarray:
     """:func:`exact_scores` of ``evaluate --users``' sample, cached in DIR/eval/scores/."""
-    from model_export import artifacts
     from model_export.evaluate import Evaluation
+    from nann_common import artifacts
 
     evaluation = Evaluation(workdir, split, users, seed)
     key = artifacts.digest(evaluation.train_meta)[:16]
@@ -137,8 +137,8 @@ def main() -> int:
     parser.add_argument("--report-below", type=float, default=0.9, help="diagnose users below this coverage")
     parser.add_argument("--out", type=Path, help="JSON file for the per-graph results")
     args = parser.parse_args()
-    from index_builder.graph import load_graph
     from model_export.retrieval import default_start_layer
+    from nann_common.graph import load_graph
 
     ef = [int(x) for x in args.ef.split(",")]
     steps = [int(x) for x in args.steps.split(",")]

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.graph import KIND, Graph, save_graph
 from index_builder.hnsw_state import graph_from_state
 from index_builder.refine import add_in_links, cover_layer, fill_layer0, sparse_items
-from model_export import artifacts
-from model_export.errors import ArtifactError
+from nann_common import artifacts
+from nann_common.errors import ArtifactError
+from nann_common.graph import KIND, Graph, save_graph
 
 logger = logging.getLogger("index_builder")
 

@@ -15,7 +15,7 @@ import os
 import sys
 
 from index_builder.build import MAX_M, BuildConfig, build_index
-from model_export.errors import NannError
+from nann_common.errors import NannError
 
 logger = logging.getLogger("index_builder")
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from index_builder.graph import Graph
-from model_export.errors import NannError
+from nann_common.errors import NannError
+from nann_common.graph import Graph
 
 SUPPORTED_SER_VERSION = 1
 _COUNT_MASK = 0xFFFF  # getListCount reads an unsigned short; the next byte is the deleted mark

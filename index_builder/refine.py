@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from index_builder.graph import Graph
+from nann_common.graph import Graph
 
 logger = logging.getLogger("index_builder")
 

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from model_export.errors import NannError
+from nann_common.errors import NannError
 
 logger = logging.getLogger("model_export")
 
@@ -273,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="default most rounds T per layer, top-down (default 1,1,3, the paper's); "
         "each layer's loop stops early once no new item enters the beam",
     )
+
+    fe = sub.add_parser(
+        "features",
+        help="write the feature snapshot DIR/features/ that the server's stores load",
+        description="Re-reads the interactions file the workdir was trained on and writes every "
+        "user's most recent behaviours as original item ids, oldest first (users.npy, offsets.npy, "
+        "items.npy; the schema is in its meta.json). The server's embedded store maps it; "
+        "`python -m server.features load` copies it into Redis.",
+    )
+    fe.add_argument("--workdir", required=True, help="a trained workdir (dataset/ and model/)")
+    fe.add_argument(
+        "--max-behaviours",
+        type=_positive_int,
+        default=None,
+        help="behaviours kept per user, the most recent (default: the model's --max-len)",
+    )
     return parser
 
 
@@ -295,7 +311,8 @@ def _synthesize(args) -> int:
 
 
 def _prepare_dataset(args):
-    from model_export import artifacts, data
+    from model_export import data
+    from nann_common import artifacts
 
     directory = Path(args.workdir) / "dataset"
     params = {
@@ -327,7 +344,7 @@ def _prepare_dataset(args):
 
 def _same_inputs(args, recorded: dict) -> bool:
     """True if the interactions named by the flags have the checksums recorded in a dataset's meta."""
-    from model_export.artifacts import sha256_file
+    from nann_common.artifacts import sha256_file
 
     path = Path(args.interactions)
     ratings = path / "ratings.csv" if path.is_dir() else path
@@ -417,6 +434,13 @@ def _export(args) -> int:
     return 0
 
 
+def _features(args) -> int:
+    from model_export.features import write_features
+
+    print(write_features(args.workdir, args.max_behaviours))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -431,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": _evaluate,
         "export": _export,
         "sweep": _sweep,
+        "features": _features,
     }[args.command]
     try:
         return handler(args)

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from model_export import artifacts
-from model_export.errors import ArtifactError, InputError
+from nann_common import artifacts
+from nann_common.errors import ArtifactError, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from model_export import artifacts, retrieval
+from model_export import retrieval
 from model_export.data import Dataset, load_dataset
-from model_export.errors import ArtifactError, InputError
 from model_export.model import NannModel, load_model_files
+from nann_common import artifacts
+from nann_common.errors import ArtifactError, InputError
 
 logger = logging.getLogger(__name__)
 MODES = ("exhaustive", "beam", "hnsw", "beam_sets")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,13 +32,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from model_export import artifacts, retrieval
-from model_export.errors import ArtifactError, InputError
+from model_export import retrieval
 from model_export.model import NannModel, load_model_files
+from nann_common import artifacts, contract
+from nann_common.errors import ArtifactError, InputError
 
 logger = logging.getLogger(__name__)
 
-MODES = ("beam", "beam_sets", "hnsw", "exhaustive")
+MODES = contract.MODES
 # Top-down from the start layer: the paper's {ef_2, ef_1, ef_0} = {100, 200, 400} and T {1, 1, 3}.
 # On the index builder's default graph (start layer covered to N/200 nodes by farthest-point
 # sampling of the items) they reach coverage@200 0.995-0.996 at 0.89% of 1.37M items scored, over
@@ -241,18 +241,80 @@ class RetrievalModule(tf.Module):
 
 
 def _next_version(export_root: Path) -> int:
-    versions = [int(p.name) for p in export_root.glob("*") if p.is_dir() and re.fullmatch(r"\d+", p.name)]
-    return max(versions, default=0) + 1
+    return max(contract.versions(export_root), default=0) + 1
+
+
+WARMUP_BATCHES = ((1, 12), (4, 4), (16, 2), (32, 2))  # (users per request, requests)
+
+
+def warmup_histories(workdir: Path, item_ids: np.ndarray, max_len: int, users: int, seed: int = 0):
+    """Real behaviour histories (original ids, -1 padded) of ``users`` seeded users for warm-up.
+
+    Taken from the workdir's dataset (each user's most recent ``max_len`` behaviours), so
+    the warm-up walks reach the candidate widths real requests reach.
+    """
+    from model_export.data import load_dataset
+
+    ds = load_dataset(workdir / "dataset")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(ds.num_users, size=min(users, ds.num_users), replace=False)
+    ends = ds.offsets[chosen + 1]
+    hist = ds.histories(np.maximum(ends - 1, 0), max_len)  # behaviours before the last one
+    return np.where(hist >= 0, item_ids[np.maximum(hist, 0)], contract.PAD_ID).astype(np.int64)
+
+
+def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps) -> int:
+    """Writes TF Serving's warm-up file: PredictionLog records of ``retrieve`` calls at the defaults.
+
+    TF Serving replays ``assets.extra/tf_serving_warmup_requests`` before it serves a version
+    (``--enable_model_warmup``); the in-process server backend replays the same records before
+    it reports SERVING. Batch sizes 1 to 32 over real histories make the walks reach the
+    scorer's padded widths, so the first real requests do not pay for building kernels.
+
+    Returns:
+      The number of records written.
+    """
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count, row = 0, 0
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for batch, requests in WARMUP_BATCHES:
+            for _ in range(requests):
+                take = np.arange(row, row + batch) % len(histories)
+                row += batch
+                request = predict_pb2.PredictRequest()
+                request.model_spec.signature_name = contract.RETRIEVE_SIGNATURE
+                inputs = {
+                    "history": tf.make_tensor_proto(histories[take], tf.int64),
+                    "k": tf.make_tensor_proto([k] * batch, tf.int32),
+                    "ef": tf.make_tensor_proto([list(ef)] * batch, tf.int32),
+                    "steps": tf.make_tensor_proto([list(steps)] * batch, tf.int32),
+                    "mode": tf.make_tensor_proto([contract.DEFAULT_MODE.encode()] * batch, tf.string),
+                }
+                for name, proto in inputs.items():
+                    request.inputs[name].CopyFrom(proto)
+                log = prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=request)
+                )
+                writer.write(log.SerializeToString())
+                count += 1
+    return count
 
 
 def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     """Writes the next ``DIR/export/<version>/`` SavedModel and returns its path.
 
+    Besides the SavedModel, the version directory holds ``meta.json`` (provenance and the
+    serving contract, :mod:`nann_common.contract`), ``assets.extra/item_ids.npy`` (the
+    corpus' original ids, for callers that drop unknown history ids before calling) and
+    ``assets.extra/tf_serving_warmup_requests``.
+
     Raises:
       ArtifactError: an input artifact is missing, damaged or from another run.
       InputError: bad export parameters.
     """
-    from index_builder.graph import load_graph
+    from nann_common.graph import load_graph
 
     workdir = Path(workdir)
     model_meta = artifacts.read_meta(workdir / "model", "model")
@@ -263,7 +325,9 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     model = load_model_files(workdir / "model")
     item_e = np.load(workdir / "embeddings" / "item_embeddings.npy")
     item_ids = np.load(workdir / "embeddings" / "item_ids.npy")
+    max_len = int(model_meta["params"]["max_len"])
     module = RetrievalModule(model, item_e, item_ids, graph, config)
+    warmup = warmup_histories(workdir, np.asarray(item_ids, np.int64), max_len, users=64)
 
     export_root = workdir / EXPORT_DIR
     export_root.mkdir(parents=True, exist_ok=True)
@@ -274,9 +338,14 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             module,
             str(tmp),
             signatures={
-                "serving_default": module.serve_default.get_concrete_function(),
-                "retrieve": module.retrieve.get_concrete_function(),
+                contract.DEFAULT_SIGNATURE: module.serve_default.get_concrete_function(),
+                contract.RETRIEVE_SIGNATURE: module.retrieve.get_concrete_function(),
             },
+        )
+        (tmp / contract.ITEM_IDS_FILE).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / contract.ITEM_IDS_FILE, np.asarray(item_ids, np.int64))
+        records = write_warmup_requests(
+            tmp / contract.WARMUP_FILE, warmup, config.k, module.default_ef, module.default_steps
         )
         params = {
             **dataclasses.asdict(config),
@@ -284,6 +353,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             "ef": list(module.default_ef),
             "steps": list(module.default_steps),
             "layer_sizes": module.graph.layer_sizes,
+            "warmup_records": records,
         }
         meta = artifacts.provenance(
             "saved_model",
@@ -294,6 +364,15 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
                 "index": artifacts.digest(graph.meta),
             },
         )
+        meta[contract.SERVING_KEY] = contract.serving_block(
+            num_items=module.num_items,
+            start_layer=module.start_layer,
+            layer_sizes=module.graph.layer_sizes,
+            max_len=max_len,
+            k=config.k,
+            ef=module.default_ef,
+            steps=module.default_steps,
+        )
         artifacts.write_meta(tmp, meta)
         final = export_root / str(version)
         os.replace(tmp, final)
@@ -301,12 +380,13 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info(
-        "exported %s (start layer %d, defaults k=%d ef=%s T=%s)",
+        "exported %s (start layer %d, defaults k=%d ef=%s T=%s, %d warm-up records)",
         final,
         module.start_layer,
         config.k,
         module.default_ef,
         module.default_steps,
+        records,
     )
     return final
 
@@ -314,9 +394,9 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
 def latest_export(workdir: str | Path) -> Path:
     """The highest-numbered SavedModel version under ``DIR/export``."""
     root = Path(workdir) / EXPORT_DIR
-    version = _next_version(root) - 1 if root.exists() else 0
-    if version == 0:
+    found = contract.versions(root)
+    if not found:
         raise ArtifactError(
             f"{root} holds no SavedModel; run `python -m model_export export --workdir {workdir}`"
         )
-    return root / str(version)
+    return root / str(found[-1])

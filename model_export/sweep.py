@@ -12,8 +12,8 @@ import json
 import logging
 from pathlib import Path
 
-from model_export.errors import InputError
 from model_export.evaluate import Evaluation
+from nann_common.errors import InputError
 
 logger = logging.getLogger(__name__)
 

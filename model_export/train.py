@@ -24,10 +24,11 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from model_export import artifacts, losses
+from model_export import losses
 from model_export.data import Dataset
-from model_export.errors import ArtifactError
 from model_export.model import ModelConfig, NannModel, build_model, save_model_files
+from nann_common import artifacts
+from nann_common.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 

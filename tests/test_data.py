@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model_export import artifacts, data
-from model_export.errors import ArtifactError, InputError
+from model_export import data
+from nann_common import artifacts
+from nann_common.errors import ArtifactError, InputError
 
 # A hand-made log: user 7 has 5 behaviours, user 3 has 4, user 9 has 3, user 5 has 1.
 # Rows are interleaved across users and in time order within each user.

@@ -14,11 +14,11 @@ import tensorflow as tf
 from index_builder.build import BuildConfig, build_index
 from model_export import cli, data
 from model_export import export as export_module
-from model_export.errors import InputError
 from model_export.evaluate import Evaluation
 from model_export.export import ExportConfig, RetrievalModule, export
 from model_export.synthetic import synthesize
 from model_export.train import TrainConfig, train
+from nann_common.errors import InputError
 
 EXPORT = ExportConfig(start_layer=1, k=10, ef=(20, 40), steps=(1, 2))
 
@@ -137,8 +137,8 @@ def test_a_batch_equals_users_one_by_one(workdir, evaluation):
 
 def test_reload_gives_identical_results(workdir, evaluation):
     """The in-memory module before saving and the loaded SavedModel answer the same."""
-    from index_builder.graph import load_graph
     from model_export.model import load_model_files
+    from nann_common.graph import load_graph
 
     module = RetrievalModule(
         load_model_files(workdir / "model"),
@@ -233,7 +233,7 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation):
     """benchmarks/walk_replay.py, used to compare graph builds, walks as the SavedModel does."""
     import importlib.util
 
-    from index_builder.graph import load_graph
+    from nann_common.graph import load_graph
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "walk_replay.py"
     spec = importlib.util.spec_from_file_location("walk_replay", path)

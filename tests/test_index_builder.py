@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from index_builder import build, cli, hnsw_state, refine
-from index_builder.graph import GRAPH_FILE, Graph, load_graph
-from model_export import artifacts
-from model_export.errors import ArtifactError
+from nann_common import artifacts
+from nann_common.errors import ArtifactError
+from nann_common.graph import GRAPH_FILE, Graph, load_graph
 
 DIM = 16
 M = 8

@@ -9,11 +9,11 @@ import pytest
 import tensorflow as tf
 
 from model_export import cli, data
-from model_export.errors import ArtifactError, InputError
 from model_export.evaluate import EvalConfig, ExhaustiveSearcher, evaluate, load_workdir, recall_at_k
 from model_export.model import ModelConfig, build_model, load_model_files
 from model_export.synthetic import synthesize
 from model_export.train import TrainConfig, train
+from nann_common.errors import ArtifactError, InputError
 
 TINY = TrainConfig(arch="din", epochs=3, batch_size=64, negatives=49, checkpoint_every=40, seed=3)
 

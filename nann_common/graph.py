@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export import artifacts
-from model_export.errors import ArtifactError
+from nann_common import artifacts
+from nann_common.errors import ArtifactError
 
 GRAPH_FILE = "graph.npz"
 KIND = "index"

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
-from model_export.errors import ArtifactError
+from nann_common.errors import ArtifactError
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1

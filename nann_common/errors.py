@@ -1,4 +1,4 @@
-"""Domain errors of the offline pipeline: raised anywhere, reported once by the CLI."""
+"""Domain errors shared by every stage: raised anywhere, reported once by each command line or the server."""
 
 
 class NannError(Exception):

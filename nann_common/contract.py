@@ -1,0 +1,221 @@
+"""The serving contract of an exported SavedModel, written once by the exporter and read by every caller.
+
+The exporter puts a ``serving`` block into the export's ``meta.json``: the signature
+and tensor names, the corpus size, the start layer and layer sizes, the default query
+parameters, ``max_len``, the modes and the bounds the signature enforces. Callers (the
+evaluation command line, the server, the load test) read it with :func:`load_contract`
+and check a request with :meth:`ServingContract.resolve` before TensorFlow sees it, so
+every caller rejects the same requests with the same message.
+
+Versions follow TF Serving's layout: ``BASE/<positive integer>/`` holds one SavedModel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+
+from nann_common import artifacts
+from nann_common.errors import ArtifactError, NannError
+
+KIND = "saved_model"
+SERVING_KEY = "serving"
+CONTRACT_VERSION = 1
+MODES = ("beam", "beam_sets", "hnsw", "exhaustive")
+DEFAULT_MODE = "beam"
+DEFAULT_SIGNATURE = "serving_default"
+RETRIEVE_SIGNATURE = "retrieve"
+RETRIEVE_INPUTS = ("history", "k", "ef", "steps", "mode")
+RETRIEVE_OUTPUTS = ("item_ids", "scores", "scored")
+PAD_ID = -1
+ITEM_IDS_FILE = "assets.extra/item_ids.npy"
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+
+
+class InvalidRequest(NannError):
+    """A query's parameters or history are unusable; the message says how to fix them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One resolved query: every parameter present and checked."""
+
+    k: int
+    ef: tuple[int, ...]
+    steps: tuple[int, ...]
+    mode: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingContract:
+    """What a caller needs to know of one exported SavedModel version."""
+
+    version: int
+    path: Path
+    num_items: int
+    start_layer: int
+    layer_sizes: tuple[int, ...]
+    max_len: int
+    default_k: int
+    default_ef: tuple[int, ...]
+    default_steps: tuple[int, ...]
+    modes: tuple[str, ...]
+    digest: str
+
+    @property
+    def depth(self) -> int:
+        """Number of ef / steps values a query gives: the start layer down to layer 0."""
+        return self.start_layer + 1
+
+    @classmethod
+    def from_meta(cls, path: Path, meta: dict, version: int = 0) -> ServingContract:
+        serving = meta.get(SERVING_KEY)
+        if not isinstance(serving, dict) or serving.get("contract_version") != CONTRACT_VERSION:
+            raise ArtifactError(
+                f"{path} carries no serving contract of version {CONTRACT_VERSION} in its meta.json; "
+                "re-export it with `python -m model_export export`"
+            )
+        try:
+            return cls(
+                version=version,
+                path=path,
+                num_items=int(serving["num_items"]),
+                start_layer=int(serving["start_layer"]),
+                layer_sizes=tuple(int(x) for x in serving["layer_sizes"]),
+                max_len=int(serving["max_len"]),
+                default_k=int(serving["defaults"]["k"]),
+                default_ef=tuple(int(x) for x in serving["defaults"]["ef"]),
+                default_steps=tuple(int(x) for x in serving["defaults"]["steps"]),
+                modes=tuple(serving["modes"]),
+                digest=artifacts.digest(meta),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(
+                f"{path}/meta.json has a malformed serving block ({e!r}); re-export it"
+            ) from e
+
+    def resolve(
+        self,
+        k: int | None = None,
+        ef: tuple[int, ...] | list[int] | None = None,
+        steps: tuple[int, ...] | list[int] | None = None,
+        mode: str | None = None,
+    ) -> Query:
+        """Fills absent parameters with the model's defaults and checks the signature's bounds.
+
+        Args:
+          k: results per user; None or 0 = the default.
+          ef, steps: one value per layer, top-down from the start layer to layer 0; None or
+            empty = the defaults.
+          mode: one of :attr:`modes`; None or "" = beam.
+
+        Raises:
+          InvalidRequest: a value the signature would refuse, with what to send instead.
+        """
+        ef = tuple(int(x) for x in ef) if ef else self.default_ef
+        steps = tuple(int(x) for x in steps) if steps else self.default_steps
+        mode = mode or DEFAULT_MODE
+        if mode not in self.modes:
+            raise InvalidRequest(f"mode must be one of {', '.join(self.modes)}, got {mode!r}")
+        for name, values, default in (("ef", ef, self.default_ef), ("steps", steps, self.default_steps)):
+            if len(values) != self.depth:
+                raise InvalidRequest(
+                    f"{name} needs {self.depth} values, one per layer top-down from the start layer "
+                    f"{self.start_layer} to layer 0 (default {','.join(map(str, default))}), "
+                    f"got {len(values)}"
+                )
+            if min(values) < 1:
+                raise InvalidRequest(f"every {name} value must be >= 1, got {','.join(map(str, values))}")
+        k = int(k) if k else self.default_k
+        upper = min(ef[-1], self.num_items)
+        if not 1 <= k <= upper:
+            raise InvalidRequest(f"k must be in 1..min(ef of layer 0, items) = 1..{upper}, got {k}")
+        return Query(k=k, ef=ef, steps=steps, mode=mode)
+
+    def item_ids(self) -> np.ndarray:
+        """The corpus' original item ids, ascending (int64 [num_items])."""
+        path = self.path / ITEM_IDS_FILE
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{path} is unreadable ({e}); re-export the model") from e
+        if ids.shape != (self.num_items,) or ids.dtype != np.int64:
+            raise ArtifactError(f"{path} holds {ids.dtype} {ids.shape}, expected int64 ({self.num_items},)")
+        return ids
+
+
+def serving_block(
+    *,
+    num_items: int,
+    start_layer: int,
+    layer_sizes: list[int],
+    max_len: int,
+    k: int,
+    ef: tuple[int, ...],
+    steps: tuple[int, ...],
+) -> dict:
+    """The ``serving`` block of an export's meta.json (what :meth:`ServingContract.from_meta` reads)."""
+    return {
+        "contract_version": CONTRACT_VERSION,
+        "signatures": {
+            DEFAULT_SIGNATURE: {"inputs": ["history"], "outputs": list(RETRIEVE_OUTPUTS)},
+            RETRIEVE_SIGNATURE: {"inputs": list(RETRIEVE_INPUTS), "outputs": list(RETRIEVE_OUTPUTS)},
+        },
+        "num_items": int(num_items),
+        "start_layer": int(start_layer),
+        "layer_sizes": [int(x) for x in layer_sizes],
+        "max_len": int(max_len),
+        "pad_id": PAD_ID,
+        "modes": list(MODES),
+        "defaults": {
+            "k": int(k),
+            "ef": [int(x) for x in ef],
+            "steps": [int(x) for x in steps],
+            "mode": "beam",
+        },
+        "bounds": {
+            "k": "1..min(ef of layer 0, num_items)",
+            "ef": f"{start_layer + 1} values, each >= 1, top-down from the start layer",
+            "steps": f"{start_layer + 1} values, each >= 1, top-down from the start layer",
+            "history": "int64 original item ids of the corpus, oldest first, -1 padded; >= 1 per row",
+        },
+        "files": {"item_ids": ITEM_IDS_FILE, "warmup": WARMUP_FILE},
+    }
+
+
+def versions(base: str | Path) -> list[int]:
+    """Numeric version directories under ``base``, ascending (TF Serving's layout)."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"[1-9]\d*", p.name))
+
+
+def load_contract(version_dir: str | Path, verify: bool = True) -> ServingContract:
+    """Reads and verifies one SavedModel version's meta.json (checksums of every file when ``verify``).
+
+    Raises:
+      ArtifactError: the directory holds no export, or it is damaged or from an older exporter.
+    """
+    path = Path(version_dir)
+    meta = artifacts.read_meta(path, KIND, verify=verify)
+    version = int(path.name) if re.fullmatch(r"\d+", path.name) else 0
+    return ServingContract.from_meta(path, meta, version)
+
+
+def latest_contract(base: str | Path, verify: bool = True) -> ServingContract:
+    """The contract of the highest version under ``base``.
+
+    Raises:
+      ArtifactError: no version exists (with the command that makes one), or it is damaged.
+    """
+    found = versions(base)
+    if not found:
+        raise ArtifactError(
+            f"{base} holds no SavedModel version (numbered subdirectories); "
+            "run `python -m model_export export --workdir DIR` and pass DIR/export"
+        )
+    return load_contract(Path(base) / str(found[-1]), verify=verify)

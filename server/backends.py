@@ -1,0 +1,436 @@
+"""Model backends: the exported SavedModel run in this process, or on TensorFlow Serving.
+
+Both hand out a :class:`ModelSlot`: one model version's contract, its item vocabulary
+and the call that runs its ``retrieve`` signature. A request takes one slot and uses
+it throughout, so a hot reload between its stages cannot mix two versions.
+
+The in-process backend watches the ``--model`` base directory: a newer numeric version
+is verified (checksums, contract), loaded and warmed up with its own warm-up records in
+the background, then swapped in with one reference assignment. A damaged or
+incompatible version is refused (log line, ``nann_model_reloads_total{outcome="refused"}``)
+and the old one serves on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from nann_common import contract as contract_lib
+from nann_common.contract import Query, ServingContract
+from nann_common.errors import NannError
+from server.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+# (histories int64 [B, L] -1 padded, query, timeout seconds or None) -> (ids [B,k], scores [B,k], scored [B])
+RunFn = Callable[[np.ndarray, Query, float | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSlot:
+    """One servable model version."""
+
+    contract: ServingContract
+    item_ids: np.ndarray  # ascending original ids of the corpus
+    run: RunFn
+
+    @property
+    def version(self) -> int:
+        return self.contract.version
+
+    def known_history(self, history: np.ndarray) -> tuple[np.ndarray, int]:
+        """Drops ids this version does not know; keeps the most recent ``max_len``. -> (ids, dropped)."""
+        pos = np.searchsorted(self.item_ids, history)
+        known = (pos < len(self.item_ids)) & (
+            self.item_ids[np.minimum(pos, len(self.item_ids) - 1)] == history
+        )
+        kept = history[known]
+        return kept[-self.contract.max_len :], int(len(history) - len(kept))
+
+
+def _retrieve_inputs(histories: np.ndarray, query: Query) -> dict[str, np.ndarray]:
+    b = histories.shape[0]
+    return {
+        "history": histories.astype(np.int64),
+        "k": np.full([b], query.k, np.int32),
+        "ef": np.tile(np.asarray(query.ef, np.int32), (b, 1)),
+        "steps": np.tile(np.asarray(query.steps, np.int32), (b, 1)),
+        "mode": np.array([query.mode.encode()] * b, object),
+    }
+
+
+def read_warmup(version_dir: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The version's warm-up records as (signature name, inputs) pairs."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = version_dir / contract_lib.WARMUP_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for raw in tf.data.TFRecordDataset(str(path)):
+        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        request = log.predict_log.request
+        inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+        records.append((request.model_spec.signature_name or contract_lib.DEFAULT_SIGNATURE, inputs))
+    return records
+
+
+class Backend:
+    """What the service needs of a model backend."""
+
+    name = "backend"
+
+    def slot(self) -> ModelSlot:
+        """The version to use for one request. Raises Unavailable when none is ready."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Loads and warms up the first version (blocking); then watches for newer ones."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _VersionWatcher:
+    """Polls the base directory and hands each newer version to ``load`` once."""
+
+    def __init__(self, base: Path, interval: float, current: Callable[[], int], load: Callable[[Path], None]):
+        self.base, self.interval, self.current, self.load = base, interval, current, load
+        self.refused: set[tuple[int, float]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="model-watcher", daemon=True)
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check_once(self) -> None:
+        found = contract_lib.versions(self.base)
+        if not found or found[-1] <= self.current():
+            return
+        path = self.base / str(found[-1])
+        key = (found[-1], path.stat().st_mtime)
+        if key in self.refused:
+            return
+        if not self.load(path):
+            self.refused.add(key)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check_once()
+            except Exception:  # the watcher must survive anything a directory can do
+                logger.exception("model watcher: unexpected error; still serving the current version")
+
+
+class InProcessBackend(Backend):
+    """Runs the SavedModel's ``retrieve`` signature in this process."""
+
+    name = "inprocess"
+
+    def __init__(
+        self,
+        base: Path,
+        metrics: Metrics,
+        reload_interval: float = 2.0,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ):
+        self.base = Path(base)
+        self.metrics = metrics
+        self._slot: ModelSlot | None = None
+        self._models: dict[int, object] = {}  # keeps each loaded SavedModel's resources alive
+        self._threads = (intra_op_threads, inter_op_threads)
+        self._load_lock = threading.Lock()
+        self.watcher = _VersionWatcher(self.base, reload_interval, self._current_version, self._try_load)
+
+    def _current_version(self) -> int:
+        return self._slot.version if self._slot else 0
+
+    def slot(self) -> ModelSlot:
+        slot = self._slot
+        if slot is None:
+            raise Unavailable("the model is not loaded yet; retry when health reports SERVING")
+        return slot
+
+    def start(self) -> None:
+        import tensorflow as tf
+
+        intra, inter = self._threads
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+        found = contract_lib.versions(self.base)
+        if not found:
+            contract_lib.latest_contract(self.base)  # raises with the command that makes one
+        self._swap(self._load(self.base / str(found[-1])))
+        self.watcher.start()
+
+    def close(self) -> None:
+        self.watcher.stop()
+
+    def _try_load(self, path: Path) -> bool:
+        try:
+            self._swap(self._load(path))
+            self.metrics.reloads.labels("success").inc()
+            return True
+        except Exception as e:  # a bad version must never take the server down
+            self.metrics.reloads.labels("refused").inc()
+            level = logging.ERROR if isinstance(e, NannError) else logging.CRITICAL
+            logger.log(
+                level,
+                "refused model version %s: %s; still serving version %d",
+                path.name,
+                e,
+                self._current_version(),
+                exc_info=not isinstance(e, NannError),
+            )
+            return False
+
+    def _swap(self, slot: ModelSlot) -> None:
+        old = self._slot
+        self._slot = slot  # one reference assignment: a request sees the old slot or the new one
+        self.metrics.set_model(slot.version, slot.contract.digest, slot.contract.num_items)
+        logger.info(
+            "serving model version %d (%d items, start layer %d)%s",
+            slot.version,
+            slot.contract.num_items,
+            slot.contract.start_layer,
+            f", replacing version {old.version}" if old else "",
+        )
+        if old is not None:
+            # In-flight calls hold their own reference to the old slot; drop ours.
+            self._models.pop(old.version, None)
+
+    def _load(self, path: Path) -> ModelSlot:
+        """Verifies, loads and warms up one version; raises NannError (or TF's) on a bad one."""
+        import tensorflow as tf
+
+        with self._load_lock:
+            started = time.monotonic()
+            contract = contract_lib.load_contract(path, verify=True)
+            item_ids = contract.item_ids()
+            try:
+                model = tf.saved_model.load(str(path))
+            except (OSError, ValueError, tf.errors.OpError) as e:
+                raise NannError(f"{path} does not load as a SavedModel: {type(e).__name__}: {e}") from e
+            fn = model.signatures.get(contract_lib.RETRIEVE_SIGNATURE)
+            if fn is None:
+                raise NannError(f"{path} has no {contract_lib.RETRIEVE_SIGNATURE!r} signature")
+            names = set(fn.structured_input_signature[1])
+            if names != set(contract_lib.RETRIEVE_INPUTS):
+                raise NannError(
+                    f"{path}: signature inputs {sorted(names)} are not {list(contract_lib.RETRIEVE_INPUTS)}"
+                )
+
+            def run(histories, query, timeout=None):
+                inputs = _retrieve_inputs(histories, query)
+                try:
+                    out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
+                except tf.errors.InvalidArgumentError as e:
+                    # The service validates before calling, so this is a contract mismatch: a bug.
+                    raise RuntimeError(f"the model refused a validated request: {e.message}") from e
+                return out["item_ids"].numpy(), out["scores"].numpy(), out["scored"].numpy()
+
+            records = read_warmup(path)
+            for signature, inputs in records:
+                f = model.signatures[signature]
+                f(**{name: tf.constant(value) for name, value in inputs.items()})
+            self._models[contract.version] = model
+            logger.info(
+                "loaded model version %d from %s in %.1f s (%d warm-up requests)",
+                contract.version,
+                path,
+                time.monotonic() - started,
+                len(records),
+            )
+            return ModelSlot(contract, item_ids, run)
+
+
+def _to_tensor_proto(value: np.ndarray):
+    import tensorflow as tf
+
+    return tf.make_tensor_proto(value)
+
+
+class TFServingBackend(Backend):
+    """Calls TensorFlow Serving's PredictionService.Predict on the ``retrieve`` signature.
+
+    The contract and item vocabulary come from the same ``--model`` directory TF Serving
+    serves; with ``version="pinned"`` each call names the version whose contract the
+    server holds, so the vocabulary always matches the model that answers.
+    """
+
+    name = "tfserving"
+
+    def __init__(
+        self,
+        spec: str,
+        base: Path,
+        metrics: Metrics,
+        reload_interval: float = 2.0,
+        timeout_s: float = 5.0,
+        retries: int = 2,
+        version: str = "pinned",
+        max_message_bytes: int = 4 << 20,
+    ):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        rest = spec[len("tfserving://") :]
+        target, _, model_name = rest.partition("/")
+        if not target or not model_name:
+            raise NannError(f"--backend {spec!r}: expected tfserving://HOST:PORT/MODEL_NAME")
+        self.target, self.model_name = target, model_name
+        self.base = Path(base)
+        self.metrics = metrics
+        self.timeout_s, self.retries, self.pinned = timeout_s, retries, version == "pinned"
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self._slot: ModelSlot | None = None
+        self.watcher = _VersionWatcher(
+            self.base, reload_interval, lambda: self._slot.version if self._slot else 0, self._try_load
+        )
+
+    def slot(self) -> ModelSlot:
+        if self._slot is None:
+            raise Unavailable(
+                "no model version is ready on TF Serving yet; retry when health reports SERVING"
+            )
+        return self._slot
+
+    def start(self) -> None:
+        found = contract_lib.versions(self.base)
+        if not found:
+            contract_lib.latest_contract(self.base)
+        slot = self._load(self.base / str(found[-1]))
+        # One warm-up record through TF Serving proves the version answers before SERVING.
+        records = read_warmup(slot.contract.path)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if records:
+                    inputs = records[0][1]
+                    h = inputs["history"]
+                    slot.run(
+                        h,
+                        Query(
+                            int(inputs["k"][0]),
+                            tuple(inputs["ef"][0]),
+                            tuple(inputs["steps"][0]),
+                            inputs["mode"][0].decode(),
+                        ),
+                        self.timeout_s,
+                    )
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning(
+                    "TF Serving at %s not ready for %s version %d; retrying",
+                    self.target,
+                    self.model_name,
+                    slot.version,
+                )
+                time.sleep(1.0)
+        self._slot = slot
+        self.metrics.set_model(slot.version, slot.contract.digest, slot.contract.num_items)
+        self.watcher.start()
+
+    def _try_load(self, path: Path) -> bool:
+        try:
+            slot = self._load(path)
+        except NannError as e:
+            self.metrics.reloads.labels("refused").inc()
+            logger.error("refused model version %s: %s", path.name, e)
+            return False
+        self._slot = slot
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.set_model(slot.version, slot.contract.digest, slot.contract.num_items)
+        return True
+
+    def close(self) -> None:
+        self.watcher.stop()
+        self.channel.close()
+
+    def _load(self, path: Path) -> ModelSlot:
+        contract = contract_lib.load_contract(path, verify=False)  # TF Serving reads the variables
+        item_ids = contract.item_ids()
+        return ModelSlot(contract, item_ids, lambda h, q, t=None: self._predict(contract, h, q, t))
+
+    def _predict(self, contract: ServingContract, histories, query, timeout):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = contract_lib.RETRIEVE_SIGNATURE
+        if self.pinned:
+            request.model_spec.version.value = contract.version
+        for name, value in _retrieve_inputs(histories, query).items():
+            request.inputs[name].CopyFrom(_to_tensor_proto(value))
+        timeout = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
+        end = time.monotonic() + timeout
+        for attempt in range(self.retries + 1):
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("the deadline passed while waiting for TF Serving")
+            try:
+                response = self.stub.Predict(request, timeout=remaining)
+                break
+            except grpc.RpcError as e:
+                code = e.code()
+                self.metrics.backend_errors.labels(self.name).inc()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    time.sleep(min(0.05 * 2**attempt, max(end - time.monotonic(), 0)))
+                    continue
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded("TF Serving did not answer within the deadline") from e
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                    raise Unavailable(
+                        f"TF Serving unavailable for {self.model_name} version "
+                        f"{contract.version}: {code.name}"
+                    ) from e
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(f"the model refused the request: {e.details()}") from e
+                raise RuntimeError(f"TF Serving answered {code.name}: {e.details()}") from e
+        out = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+        return out["item_ids"], out["scores"], out["scored"]
+
+
+def open_backend(config, metrics: Metrics) -> Backend:
+    if config.backend == "inprocess":
+        return InProcessBackend(
+            config.model, metrics, config.reload_interval_s, config.intra_op_threads, config.inter_op_threads
+        )
+    return TFServingBackend(
+        config.backend,
+        config.model,
+        metrics,
+        config.reload_interval_s,
+        config.backend_timeout_s,
+        config.backend_retries,
+        config.tfserving_version,
+        config.max_message_bytes,
+    )

@@ -1,0 +1,106 @@
+"""``python -m server.client``: call Retrieve and print the candidates, what a person uses to try the service.
+
+python -m server.client --user 1000042 [--k 20] [--target 127.0.0.1:50051]
+python -m server.client --history 5,17,23 --k 10 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import grpc
+
+from nann.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def retrieve(target: str, request: retrieval_pb2.RetrieveRequest, timeout: float = 5.0):
+    """One Retrieve call -> (candidates, trailing metadata dict, seconds to first and to last message)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = retrieval_pb2_grpc.RetrieverStub(channel)
+        started = time.perf_counter()
+        call = stub.Retrieve(request, timeout=timeout)
+        candidates, first = [], None
+        for message in call:
+            if first is None:
+                first = time.perf_counter() - started
+            candidates.extend(message.candidates)
+        last = time.perf_counter() - started
+        return candidates, dict(call.trailing_metadata() or ()), first or last, last
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m server.client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", help="server HOST:PORT (default 127.0.0.1:50051)"
+    )
+    parser.add_argument("--user", default="", help="user id, read from the server's feature store")
+    parser.add_argument("--history", type=_ints, default=[], help="inline behaviour item ids, oldest first")
+    parser.add_argument("--k", type=int, default=0, help="candidates wanted (default: the model's)")
+    parser.add_argument("--mode", default="", help="beam (default), beam_sets, hnsw, exhaustive")
+    parser.add_argument("--ef", type=_ints, default=[], help="beam widths, top-down (default: the model's)")
+    parser.add_argument("--steps", type=_ints, default=[], help="rounds T per layer, top-down")
+    parser.add_argument("--show", type=int, default=10, help="candidates to print (default 10; 0 = all)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
+    parser.add_argument("--request-id", default="", help="id for the server's logs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    if not args.user and not args.history:
+        parser.error("give --user or --history")
+    request = retrieval_pb2.RetrieveRequest(
+        user_id=args.user,
+        history=args.history,
+        k=args.k,
+        request_id=args.request_id,
+        params=retrieval_pb2.SearchParams(mode=args.mode, ef=args.ef, steps=args.steps),
+    )
+    try:
+        candidates, trailer, first, last = retrieve(args.target, request, args.timeout)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    shown = candidates if args.show == 0 else candidates[: args.show]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "candidates": [
+                        {"rank": c.rank, "item_id": c.item_id, "score": c.score} for c in candidates
+                    ],
+                    "metadata": trailer,
+                    "first_ms": round(first * 1000, 3),
+                    "last_ms": round(last * 1000, 3),
+                }
+            )
+        )
+        return 0
+    who = f"user {args.user}" if not args.history else f"inline history of {len(args.history)}"
+    print(
+        f"{who}: {len(candidates)} candidates in {last * 1000:.1f} ms (first chunk {first * 1000:.1f} ms); "
+        f"items scored {trailer.get('nann-items-scored')}, "
+        f"model version {trailer.get('nann-model-version')}, "
+        f"unknown ids dropped {trailer.get('nann-unknown-ids-dropped')}"
+    )
+    print(f"{'rank':>5} {'item_id':>12} {'score':>10}")
+    for c in shown:
+        print(f"{c.rank:>5} {c.item_id:>12} {c.score:>10.4f}")
+    if len(shown) < len(candidates):
+        print(f"  ... {len(candidates) - len(shown)} more (--show 0 prints all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The Retriever servicer, and the interceptor that times every call and maps its errors.
+
+A Retrieve call: check the deadline, take one model slot, resolve the query against the
+slot's contract and the server's caps, read the history (inline or from the store), drop
+ids the model does not know, run the model, stream the candidates in chunks with the
+scored count, model version and dropped-id count in trailing metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+import grpc
+import numpy as np
+
+from nann.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+from nann_common.contract import Query
+from server.backends import Backend, ModelSlot
+from server.batching import MicroBatcher
+from server.config import Config
+from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, UserNotFound, status_of
+from server.features import FeatureStore
+from server.metrics import Metrics
+
+logger = logging.getLogger("server.access")
+
+SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
+MD_SCORED = "nann-items-scored"
+MD_VERSION = "nann-model-version"
+MD_DROPPED = "nann-unknown-ids-dropped"
+MD_HISTORY = "nann-history-length"
+MD_REQUEST_ID = "nann-request-id"
+
+
+class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
+    def __init__(self, config: Config, backend: Backend, store: FeatureStore, metrics: Metrics):
+        self.config, self.backend, self.store, self.metrics = config, backend, store, metrics
+        self.batcher = (
+            MicroBatcher(config.batch_window_ms / 1000.0, config.max_batch, metrics)
+            if config.batch_window_ms > 0
+            else None
+        )
+
+    # -- request checks -----------------------------------------------------------------
+    def _query(self, request, slot: ModelSlot) -> Query:
+        c = self.config
+        if request.k < 0:
+            raise InvalidArgument(
+                f"k must be >= 0 (0 = the model's default {slot.contract.default_k}), got {request.k}"
+            )
+        if request.k > c.max_k:
+            raise InvalidArgument(f"k must be at most {c.max_k} (the server's --max-k), got {request.k}")
+        params = request.params
+        for name, values, cap, flag in (
+            ("ef", params.ef, c.max_ef, "--max-ef"),
+            ("steps", params.steps, c.max_steps, "--max-steps"),
+        ):
+            if len(values) > slot.contract.depth:
+                raise InvalidArgument(
+                    f"{name} needs {slot.contract.depth} values (top-down from the start "
+                    f"layer to layer 0), got {len(values)}"
+                )
+            if values and max(values) > cap:
+                raise InvalidArgument(
+                    f"every {name} value must be at most {cap} (the server's {flag}), got {max(values)}"
+                )
+        if params.mode == "exhaustive" and not c.allow_exhaustive:
+            raise InvalidArgument(
+                "mode exhaustive scores the whole corpus and is disabled on this server "
+                "(--allow-exhaustive); use beam"
+            )
+        return slot.contract.resolve(
+            request.k or None, list(params.ef), list(params.steps), params.mode or None
+        )
+
+    def _history(self, request) -> np.ndarray:
+        c = self.config
+        if len(request.history):
+            if len(request.history) > c.max_history:
+                raise InvalidArgument(
+                    f"history holds {len(request.history)} ids; at most {c.max_history} "
+                    "(the server's --max-history) are accepted, send the most recent"
+                )
+            history = np.fromiter(request.history, np.int64, len(request.history))
+            if history.min() < 0:
+                raise InvalidArgument(
+                    "history item ids must be >= 0; send only real behaviours, oldest first"
+                )
+            return history
+        if not request.user_id:
+            raise InvalidArgument("give user_id (read from the feature store) or an inline history")
+        if len(request.user_id.encode()) > c.max_user_id_bytes:
+            raise InvalidArgument(f"user_id is longer than {c.max_user_id_bytes} bytes")
+        started = time.perf_counter()
+        try:
+            history = self.store.history(request.user_id)
+        except Exception:
+            self.metrics.feature_errors.labels(self.store.name).inc()
+            raise
+        finally:
+            self.metrics.stage.labels("feature_fetch").observe(time.perf_counter() - started)
+        if history is None or len(history) == 0:
+            raise UserNotFound(
+                f"user {request.user_id!r} has no behaviours in the feature store; send an inline history"
+            )
+        return history
+
+    @staticmethod
+    def _check_alive(context) -> None:
+        if not context.is_active():
+            raise Cancelled("the call was cancelled")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the deadline passed before the work started")
+
+    # -- the call -----------------------------------------------------------------------
+    def Retrieve(self, request, context):
+        started = time.perf_counter()
+        self._check_alive(context)
+        slot = self.backend.slot()
+        query = self._query(request, slot)
+        history = self._history(request)
+        known, dropped = slot.known_history(history)
+        self.metrics.unknown_dropped.inc(dropped)
+        if len(known) == 0:
+            what = "the inline history" if len(request.history) else f"user {request.user_id!r}'s history"
+            error = InvalidArgument if len(request.history) else UserNotFound
+            raise error(
+                f"none of the {len(history)} ids in {what} is an item of model version "
+                f"{slot.version}; at least one known behaviour is needed"
+            )
+        self._check_alive(context)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        t_model = time.perf_counter()
+        if self.batcher is not None:
+            ids, scores, scored = self.batcher.run(slot, known, query, deadline)
+        else:
+            self.metrics.batch_size.observe(1)
+            ids, scores, scored = slot.run(known[None, :], query, remaining)
+            ids, scores, scored = ids[0], scores[0], scored[0]
+        self.metrics.stage.labels("model_call").observe(time.perf_counter() - t_model)
+        self.metrics.items_scored.observe(float(scored))
+        self._check_alive(context)
+
+        found = np.isfinite(scores)  # fewer than k reachable: the model pads with -inf
+        ids, scores = ids[found], scores[found]
+        context.set_trailing_metadata(
+            (
+                (MD_SCORED, str(int(scored))),
+                (MD_VERSION, str(slot.version)),
+                (MD_DROPPED, str(dropped)),
+                (MD_HISTORY, str(len(known))),
+                (MD_REQUEST_ID, request.request_id),
+            )
+        )
+        t_stream = time.perf_counter()
+        chunk = self.config.chunk_size
+        for lo in range(0, len(ids), chunk):
+            yield retrieval_pb2.RetrieveResponse(
+                candidates=[
+                    retrieval_pb2.Candidate(item_id=int(i), score=float(s), rank=lo + r)
+                    for r, (i, s) in enumerate(
+                        zip(ids[lo : lo + chunk].tolist(), scores[lo : lo + chunk].tolist(), strict=True)
+                    )
+                ]
+            )
+        self.metrics.stage.labels("stream_write").observe(time.perf_counter() - t_stream)
+        self.metrics.candidates.inc(len(ids))
+        logger.info(
+            json.dumps(
+                {
+                    "event": "retrieve",
+                    "request_id": request.request_id,
+                    "user_id": request.user_id,
+                    "inline_history": len(request.history) > 0,
+                    "k": query.k,
+                    "mode": query.mode,
+                    "returned": int(len(ids)),
+                    "items_scored": int(scored),
+                    "unknown_dropped": dropped,
+                    "model_version": slot.version,
+                    "ms": round(1000 * (time.perf_counter() - started), 3),
+                }
+            )
+        )
+
+
+class ServerInterceptor(grpc.ServerInterceptor):
+    """Counts and times every unary and server-streaming call and maps its errors, in one place.
+
+    Latency runs to the last streamed message. Domain errors become their status code with
+    their message; anything else becomes INTERNAL with a generic message while the traceback
+    goes to the log with the request id.
+    """
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        # Health and reflection keep their own status handling.
+        if handler is None or service != SERVICE_NAME or not (handler.unary_stream or handler.unary_unary):
+            return handler
+        if handler.unary_stream:
+            labels = ("server_stream", service, method)
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, labels),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        labels = ("unary", service, method)
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap_unary(handler.unary_unary, labels),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _begin(self, request, labels):
+        if hasattr(request, "request_id") and not request.request_id:
+            request.request_id = uuid.uuid4().hex[:16]
+        self.metrics.started.labels(*labels).inc()
+        return time.perf_counter()
+
+    def _end(self, labels, code, started):
+        self.metrics.handled.labels(*labels, code.name).inc()
+        self.metrics.handling.labels(*labels).observe(time.perf_counter() - started)
+
+    def _fail(self, error, request, context, labels):
+        code, message = status_of(error)
+        rid = getattr(request, "request_id", "")
+        if code == grpc.StatusCode.INTERNAL:
+            logger.error("request %s failed: %s", rid, error, exc_info=error)
+        else:
+            logger.info(
+                json.dumps(
+                    {
+                        "event": "error",
+                        "request_id": rid,
+                        "method": labels[2],
+                        "code": code.name,
+                        "message": message,
+                    }
+                )
+            )
+        return code, message
+
+    def _wrap_stream(self, behaviour, labels):
+        metrics = self.metrics
+
+        def wrapped(request, context):
+            started = self._begin(request, labels)
+            metrics.in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                for message in behaviour(request, context):
+                    yield message
+                    metrics.msg_sent.labels(*labels).inc()
+            except GeneratorExit:  # the client went away mid-stream
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as error:
+                code, message = self._fail(error, request, context, labels)
+                context.abort(code, message)
+            finally:
+                metrics.in_flight.dec()
+                self._end(labels, code, started)
+
+        return wrapped
+
+    def _wrap_unary(self, behaviour, labels):
+        def wrapped(request, context):
+            started = self._begin(request, labels)
+            code = grpc.StatusCode.OK
+            try:
+                return behaviour(request, context)
+            except Exception as error:
+                code, message = self._fail(error, request, context, labels)
+                context.abort(code, message)
+            finally:
+                self._end(labels, code, started)
+
+        return wrapped
