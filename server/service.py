@@ -189,6 +189,36 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
         )
 
 
+class _Malformed:
+    """Stands in for a request whose bytes did not decode, so the caller gets INVALID_ARGUMENT."""
+
+    request_id = ""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # protobuf raises DecodeError, and others on some inputs
+            return _Malformed(e)
+
+    return decode
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, _Malformed):
+        raise InvalidArgument(
+            f"the request is not a valid message of this method ({type(request.error).__name__}); "
+            "send a serialized nann.retrieval.v1.RetrieveRequest"
+        )
+
+
 class ServerInterceptor(grpc.ServerInterceptor):
     """Counts and times every unary and server-streaming call and maps its errors, in one place.
 
@@ -206,22 +236,23 @@ class ServerInterceptor(grpc.ServerInterceptor):
         # Health and reflection keep their own status handling.
         if handler is None or service != SERVICE_NAME or not (handler.unary_stream or handler.unary_unary):
             return handler
+        deserializer = _lenient(handler.request_deserializer)
         if handler.unary_stream:
             labels = ("server_stream", service, method)
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, labels),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         labels = ("unary", service, method)
         return grpc.unary_unary_rpc_method_handler(
             self._wrap_unary(handler.unary_unary, labels),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
     def _begin(self, request, labels):
-        if hasattr(request, "request_id") and not request.request_id:
+        if not isinstance(request, _Malformed) and hasattr(request, "request_id") and not request.request_id:
             request.request_id = uuid.uuid4().hex[:16]
         self.metrics.started.labels(*labels).inc()
         return time.perf_counter()
@@ -257,6 +288,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             metrics.in_flight.inc()
             code = grpc.StatusCode.OK
             try:
+                _check_decoded(request)
                 for message in behaviour(request, context):
                     yield message
                     metrics.msg_sent.labels(*labels).inc()
@@ -277,6 +309,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             started = self._begin(request, labels)
             code = grpc.StatusCode.OK
             try:
+                _check_decoded(request)
                 return behaviour(request, context)
             except Exception as error:
                 code, message = self._fail(error, request, context, labels)

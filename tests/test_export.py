@@ -10,34 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import EXPORT_PARAMS
 
-from index_builder.build import BuildConfig, build_index
-from model_export import cli, data
+from model_export import cli
 from model_export import export as export_module
 from model_export.evaluate import Evaluation
-from model_export.export import ExportConfig, RetrievalModule, export
-from model_export.synthetic import synthesize
-from model_export.train import TrainConfig, train
+from model_export.export import ExportConfig, RetrievalModule
 from nann_common.errors import InputError
 
-EXPORT = ExportConfig(start_layer=1, k=10, ef=(20, 40), steps=(1, 2))
+EXPORT = ExportConfig(**EXPORT_PARAMS)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    csv = root / "interactions.csv"
-    synthesize(1500, 300, csv, seed=2, mean_length=20, show_progress=False)
-    work = root / "work"
-    data.save_dataset(data.load_dataset_from_file(csv), work / "dataset")
-    train(
-        data.load_dataset(work / "dataset"),
-        work,
-        TrainConfig(arch="din", epochs=1, batch_size=64, negatives=19, seed=0),
-    )
-    build_index(work, BuildConfig(m=8, ef_construction=40, threads=1))
-    export(work, EXPORT)
-    return work
+def workdir(served_workdir) -> Path:
+    return served_workdir
 
 
 @pytest.fixture(scope="module")
