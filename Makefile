@@ -15,15 +15,12 @@ $(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-# End to end on a small synthetic corpus: synthesize -> train (din + FGSM) -> exhaustive evaluation
-# -> HNSW index -> SavedModel export -> Beam-retrieval measured against the exhaustive answer.
+# End to end through the real server on the embedded default (no external service): builds a
+# model on a 50k-item synthetic corpus if none exists (synthesize -> train -> index -> export ->
+# beam evaluation -> feature snapshot), starts `python -m server` on a free loopback port, calls
+# Retrieve for a few users, shows a new behaviour change the answer, stops the server.
 demo: setup
-	$(BIN)/python -m model_export synthesize --items 5000 --users 2000 --mean-length 30 --out $(DEMO)/interactions.csv
-	$(BIN)/python -m model_export train --interactions $(DEMO)/interactions.csv --workdir $(DEMO)/work --epochs 1 --restart
-	$(BIN)/python -m model_export evaluate --workdir $(DEMO)/work --k 200
-	$(BIN)/python -m index_builder --workdir $(DEMO)/work
-	$(BIN)/python -m model_export export --workdir $(DEMO)/work
-	$(BIN)/python -m model_export evaluate --workdir $(DEMO)/work --k 200 --mode beam
+	$(BIN)/python scripts/demo.py --root $(DEMO)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -36,7 +36,7 @@ SETTINGS = {"export default": None, "paper default": ("100,200,400", "1,1,3")}
 
 
 def run(args: list[str]) -> str:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True
     )

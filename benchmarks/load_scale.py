@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--mean-length", type=float, default=100.0)
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         csv = args.csv
         if csv is None:

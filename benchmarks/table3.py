@@ -39,7 +39,6 @@ def run(cmd: list[str]) -> str:
 
 def popularity_recall(workdir: Path, k: int, users: int, seed: int) -> float:
     """recall@k of the k items most frequent among training users, on the same evaluated users."""
-    sys.path.insert(0, str(ROOT))
     from model_export.data import load_dataset
 
     ds = load_dataset(workdir / "dataset")

@@ -58,7 +58,7 @@ class Config:
 # flag -> (type, help). The flag's dest is the Config field; its env var is NANN_<FIELD>.
 _FLAGS: dict[str, tuple[type, str]] = {
     "model": (Path, "versioned SavedModel base directory (a workdir's export/), as TF Serving takes it"),
-    "host": (str, "address to bind (127.0.0.1; a container passes 0.0.0.0)"),
+    "host": (str, "address to bind (a container passes 0.0.0.0)"),
     "port": (int, "gRPC port (0 = pick a free one and log it)"),
     "metrics_port": (int, "Prometheus /metrics port (0 = pick a free one, -1 = off)"),
     "features": (
@@ -119,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m server",
         description="NANN Retrieve service: gRPC nann.retrieval.v1.Retriever over an exported SavedModel. "
         f"Every flag can also be set by the environment variable {ENV_PREFIX}<FLAG> (e.g. NANN_PORT).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     for name, (kind, text) in _FLAGS.items():
@@ -129,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs["type"] = _parse_bool if kind is bool else kind
         if kind is bool:
             kwargs["metavar"] = "true|false"
-        if name != "model":
+        if name not in ("model", "features"):
             kwargs["help"] += f" (default: {defaults[name]})"
         parser.add_argument(flag, **kwargs)
     return parser

@@ -147,17 +147,24 @@ def open_store(spec: str, timeout_s: float = 0.25, pool: int = 32, cap: int | No
     raise NannError(f"unknown feature store {spec!r}; use embedded:DIR or redis://HOST:PORT/DB")
 
 
-def load_snapshot(snapshot: str | Path, url: str, cap: int | None = None, batch_users: int = 2000) -> int:
-    """Copies a snapshot into Redis, pipelined, replacing each user's list. Returns the users loaded."""
+def load_snapshot(
+    snapshot: str | Path, url: str, cap: int | None = None, batch_users: int = 2000, rows=None
+) -> int:
+    """Copies a snapshot into Redis, pipelined, replacing each user's list. Returns the users loaded.
+
+    Args:
+      rows: optional indices into the snapshot's users to load (a benchmark's sample); default all.
+    """
     store = EmbeddedStore(snapshot)
     cap = cap or int(store.meta["params"].get("max_behaviours", DEFAULT_CAP))
     client = redis_client(url, timeout_s=10.0, pool=2)
-    total = len(store.users)
+    order = np.arange(len(store.users)) if rows is None else np.asarray(rows)
+    total = len(order)
     started = last_log = time.monotonic()
     for lo in range(0, total, batch_users):
         hi = min(lo + batch_users, total)
         pipe = client.pipeline(transaction=False)
-        for i in range(lo, hi):
+        for i in order[lo:hi].tolist():
             key = KEY_PREFIX + str(int(store.users[i]))
             items = store.items[int(store.offsets[i]) : int(store.offsets[i + 1])][-cap:]
             pipe.delete(key)

@@ -216,15 +216,10 @@ def test_command_line_defaults_are_the_export_defaults():
 
 
 def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation):
-    """benchmarks/walk_replay.py, used to compare graph builds, walks as the SavedModel does."""
-    import importlib.util
-
+    """model_export.walk_replay, used to compare graph builds, walks as the SavedModel does."""
+    from model_export import walk_replay as replay
     from nann_common.graph import load_graph
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "walk_replay.py"
-    spec = importlib.util.spec_from_file_location("walk_replay", path)
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
     graph = load_graph(workdir / "index")
     scores = replay.exact_scores(evaluation)
     for ef, steps in (((20, 40), (1, 2)), ((10, 20), (2, 3))):
