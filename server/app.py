@@ -111,8 +111,11 @@ class Server:
         )
         address = f"{c.host}:{c.port}"
         if c.tls_cert:
-            with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
-                creds = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            try:
+                with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
+                    creds = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            except OSError as e:
+                raise NannError(f"cannot read --tls-cert / --tls-key: {e}") from e
             self.port = self.grpc.add_secure_port(address, creds)
         else:
             self.port = self.grpc.add_insecure_port(address)

@@ -324,33 +324,33 @@ class TFServingBackend(Backend):
         if not found:
             contract_lib.latest_contract(self.base)
         slot = self._load(self.base / str(found[-1]))
-        # One warm-up record through TF Serving proves the version answers before SERVING.
+        # One warm-up record through TF Serving proves the version answers before SERVING. TF
+        # Serving may still be loading or warming it up: wait (bounded) rather than fail.
         records = read_warmup(slot.contract.path)
-        deadline = time.monotonic() + 60
-        while True:
+        deadline = time.monotonic() + 120
+        while records:
+            inputs = records[0][1]
+            query = Query(
+                int(inputs["k"][0]),
+                tuple(int(x) for x in inputs["ef"][0]),
+                tuple(int(x) for x in inputs["steps"][0]),
+                inputs["mode"][0].decode(),
+            )
             try:
-                if records:
-                    inputs = records[0][1]
-                    h = inputs["history"]
-                    slot.run(
-                        h,
-                        Query(
-                            int(inputs["k"][0]),
-                            tuple(inputs["ef"][0]),
-                            tuple(inputs["steps"][0]),
-                            inputs["mode"][0].decode(),
-                        ),
-                        self.timeout_s,
-                    )
+                self._predict(slot.contract, inputs["history"], query, max(self.timeout_s, 30.0), cap=False)
                 break
-            except Unavailable:
+            except (Unavailable, DeadlineExceeded) as e:
                 if time.monotonic() > deadline:
-                    raise
+                    raise Unavailable(
+                        f"TF Serving at {self.target} never answered for {self.model_name} "
+                        f"version {slot.version}: {e}"
+                    ) from e
                 logger.warning(
-                    "TF Serving at %s not ready for %s version %d; retrying",
+                    "TF Serving at %s not ready for %s version %d (%s); retrying",
                     self.target,
                     self.model_name,
                     slot.version,
+                    e,
                 )
                 time.sleep(1.0)
         self._slot = slot
@@ -378,7 +378,7 @@ class TFServingBackend(Backend):
         item_ids = contract.item_ids()
         return ModelSlot(contract, item_ids, lambda h, q, t=None: self._predict(contract, h, q, t))
 
-    def _predict(self, contract: ServingContract, histories, query, timeout):
+    def _predict(self, contract: ServingContract, histories, query, timeout, cap: bool = True):
         import grpc
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
@@ -390,7 +390,10 @@ class TFServingBackend(Backend):
             request.model_spec.version.value = contract.version
         for name, value in _retrieve_inputs(histories, query).items():
             request.inputs[name].CopyFrom(_to_tensor_proto(value))
-        timeout = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
+        if timeout is None:
+            timeout = self.timeout_s
+        elif cap:
+            timeout = min(timeout, self.timeout_s)
         end = time.monotonic() + timeout
         for attempt in range(self.retries + 1):
             remaining = end - time.monotonic()

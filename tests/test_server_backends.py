@@ -286,3 +286,51 @@ def test_warmup_records_are_predict_requests_tf_serving_can_replay(served_workdi
         out = model.signatures["retrieve"](**inputs)
         sizes.append(int(out["item_ids"].shape[0]))
     assert 1 <= len(sizes) <= 1000 and set(sizes) == {1, 4, 16, 32}
+
+
+def test_tls_serves_a_client_that_trusts_the_certificate(start_server, served_workdir, snapshot, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (Debian package openssl)")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    server = start_server(
+        "--model", str(served_workdir / "export"), "--tls-cert", str(cert), "--tls-key", str(key), wait=False
+    )
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    deadline = time.monotonic() + 180
+    while True:
+        with grpc.secure_channel(server.target, creds) as channel:
+            try:
+                stream = retrieval_pb2_grpc.RetrieverStub(channel).Retrieve(
+                    retrieval_pb2.RetrieveRequest(user_id=str(snapshot["users"][0])), timeout=10
+                )
+                candidates = [c for m in stream for c in m.candidates]
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, e
+                time.sleep(0.5)
+    assert len(candidates) == 10
+    with pytest.raises(grpc.RpcError):  # a plaintext client is refused
+        call(server.target, user_id=str(snapshot["users"][0]))
