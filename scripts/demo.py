@@ -86,7 +86,7 @@ def build(root: Path, items: int, users: int, env: dict) -> Path:
             "--epochs",
             "1",
             "--examples-per-epoch",
-            "150000",
+            "100000",
             "--restart",
             env=env,
         )
