@@ -86,7 +86,7 @@ def build(root: Path, items: int, users: int, env: dict) -> Path:
             "--epochs",
             "1",
             "--examples-per-epoch",
-            "100000",
+            "40000",
             "--restart",
             env=env,
         )
