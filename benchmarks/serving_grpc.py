@@ -7,7 +7,7 @@ the whole candidate stream. Users are a seeded sample of the feature snapshot; e
 setting sees the same users in the same order.
 
     python benchmarks/serving_grpc.py --workdir W [--concurrency 1 4 16] [--requests 400]
-        [--stores embedded redis] [--batch-window-ms 0 2] [--redis redis://127.0.0.1:6379/14]
+        [--stores embedded redis] [--max-batch 1 16] [--batch-window-ms 0] [--redis redis://127.0.0.1:6379/14]
 
 Prints a table and writes ``benchmarks/results/serving_grpc_<items>.json``. Overhead is
 measured two ways: end-to-end p50 minus the model-alone p50 (same machine, same run), and
@@ -24,6 +24,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -137,6 +138,8 @@ def scrape(port: int) -> dict:
                 out[(s.name, s.labels["stage"])] = s.value
             if s.name in ("nann_batch_users_sum", "nann_batch_users_count"):
                 out[(s.name, "")] = s.value
+            if s.name in ("grpc_server_handling_seconds_sum", "grpc_server_handling_seconds_count"):
+                out[(s.name, "")] = out.get((s.name, ""), 0) + s.value
     return out
 
 
@@ -149,6 +152,16 @@ def stage_means(before: dict, after: dict) -> dict:
             )
             if n:
                 means[stage + "_ms"] = round(1000 * (value - before.get((name, stage), 0)) / n, 3)
+    n = after.get(("grpc_server_handling_seconds_count", ""), 0) - before.get(
+        ("grpc_server_handling_seconds_count", ""), 0
+    )
+    if n:
+        total = after[("grpc_server_handling_seconds_sum", "")] - before.get(
+            ("grpc_server_handling_seconds_sum", ""), 0
+        )
+        means["server_handling_ms"] = round(1000 * total / n, 3)
+        if "model_call_ms" in means:
+            means["server_overhead_ms"] = round(means["server_handling_ms"] - means["model_call_ms"], 3)
     calls = after.get(("nann_batch_users_count", ""), 0) - before.get(("nann_batch_users_count", ""), 0)
     users = after.get(("nann_batch_users_sum", ""), 0) - before.get(("nann_batch_users_sum", ""), 0)
     if calls:
@@ -156,7 +169,7 @@ def stage_means(before: dict, after: dict) -> dict:
     return means
 
 
-def serve(args, store: str, window: float, users: list[str], concurrency: list[int]) -> dict:
+def serve(args, store: str, max_batch: int, users: list[str], concurrency: list[int]) -> dict:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -176,14 +189,16 @@ def serve(args, store: str, window: float, users: list[str], concurrency: list[i
         str(mport),
         "--features",
         features,
+        "--max-batch",
+        str(max_batch),
         "--batch-window-ms",
-        str(window),
+        str(args.batch_window_ms),
         "--workers",
         str(max(concurrency) + 2),
         "--log-level",
         "WARNING",
     ]
-    log = open(args.out_dir / f".serving_grpc_{store}_{window}.log", "w")
+    log = open(Path(tempfile.gettempdir()) / f"serving_grpc_{store}_batch{max_batch}.log", "w")
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     )
@@ -226,7 +241,7 @@ def serve(args, store: str, window: float, users: list[str], concurrency: list[i
             res = drive(n, users[args.warmup : args.warmup + args.requests], one)
             res.update(stage_means(before, scrape(mport)))
             results[str(n)] = res
-            print(f"  {store:8s} window {window:4.1f} ms  c={n:3d}: {json.dumps(res)}", flush=True)
+            print(f"  {store:8s} max-batch {max_batch:3d}  c={n:3d}: {json.dumps(res)}", flush=True)
         for c in channels:
             c.close()
         return results
@@ -245,7 +260,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=400, help="timed requests per concurrency level")
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--stores", nargs="+", default=["embedded", "redis"], choices=["embedded", "redis"])
-    parser.add_argument("--batch-window-ms", type=float, nargs="+", default=[0.0, 2.0])
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 16], help="1 = no micro-batching")
+    parser.add_argument("--batch-window-ms", type=float, default=0.0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -274,8 +290,8 @@ def main(argv=None) -> int:
         print(f"  c={n:>3}: {json.dumps(r)}", flush=True)
     served = {}
     for store in args.stores:
-        for window in args.batch_window_ms:
-            served[f"{store}/window{window:g}ms"] = serve(args, store, window, users, args.concurrency)
+        for max_batch in args.max_batch:
+            served[f"{store}/max-batch{max_batch}"] = serve(args, store, max_batch, users, args.concurrency)
 
     meta = json.loads(
         max((args.workdir / "export").glob("[0-9]*"), key=lambda p: int(p.name))

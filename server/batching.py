@@ -1,14 +1,16 @@
 """Micro-batching: concurrent calls with equal parameters share one model call.
 
-The first call of a (model version, query) key becomes the batch's leader: it waits up
-to the window (or until ``max_batch`` users have joined), runs the model once on every
-joined history, and hands each caller its row. No thread of its own: the callers' own
-threads do the work, so an idle server costs nothing. Off unless ``--batch-window-ms``
-is above 0 (see the README's serving benchmark for when it pays).
+Calls queue here; one dispatcher thread runs the model on everything queued for the oldest
+call's (model version, query) key, up to ``max_batch`` users, then the next. At low load a
+call runs alone at once (a thread hand-off is all it costs); under load the calls that
+arrive while the model is busy form the next batch, as TF Serving's batcher does with one
+batch thread per model. ``window_s`` > 0 additionally holds a lone call that long for company.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import threading
 import time
 
@@ -19,62 +21,91 @@ from server.backends import ModelSlot
 from server.errors import DeadlineExceeded
 from server.metrics import Metrics
 
+logger = logging.getLogger(__name__)
+
 
 class _Entry:
-    __slots__ = ("history", "deadline", "done", "result", "error")
+    __slots__ = ("slot", "query", "history", "deadline", "enqueued", "done", "result", "error")
 
-    def __init__(self, history: np.ndarray, deadline: float | None):
-        self.history, self.deadline = history, deadline
+    def __init__(self, slot: ModelSlot, query: Query, history: np.ndarray, deadline: float | None):
+        self.slot, self.query, self.history, self.deadline = slot, query, history, deadline
+        self.enqueued = time.monotonic()
         self.done = threading.Event()
         self.result = None
         self.error: BaseException | None = None
 
 
-class _Batch:
-    def __init__(self):
-        self.entries: list[_Entry] = []
-        self.full = threading.Event()
-
-
 class MicroBatcher:
-    """Groups single-user calls into batched model calls."""
+    """Groups single-user calls into batched model calls on one dispatcher thread."""
 
     def __init__(self, window_s: float, max_batch: int, metrics: Metrics):
         self.window_s, self.max_batch, self.metrics = window_s, max_batch, metrics
-        self._lock = threading.Lock()
-        self._open: dict[tuple, _Batch] = {}
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._closed = False
+        self._thread = threading.Thread(target=self._dispatch, name="batcher", daemon=True)
+        self._thread.start()
 
     def run(self, slot: ModelSlot, history: np.ndarray, query: Query, deadline: float | None):
         """One user's (ids [k], scores [k], scored) through a shared model call."""
-        key = (slot.version, id(slot), query)
-        entry = _Entry(history, deadline)
-        with self._lock:
-            batch = self._open.get(key)
-            leader = batch is None
-            if leader:
-                batch = self._open[key] = _Batch()
-            batch.entries.append(entry)
-            if len(batch.entries) >= self.max_batch:
-                del self._open[key]
-                batch.full.set()
-        if leader:
-            batch.full.wait(self.window_s)
-            with self._lock:
-                if self._open.get(key) is batch:
-                    del self._open[key]
-            self._run_batch(slot, query, batch.entries)
-        else:
-            entry.done.wait()
+        entry = _Entry(slot, query, history, deadline)
+        with self._cond:
+            self._queue.append(entry)
+            self._cond.notify()
+        entry.done.wait()
         if entry.error is not None:
             raise entry.error
         return entry.result
 
-    def _run_batch(self, slot: ModelSlot, query: Query, entries: list[_Entry]) -> None:
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _take(self) -> list[_Entry]:
+        """The next batch: queued calls sharing the oldest call's key (waits for work)."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return []
+            first = self._queue[0]
+            key = (id(first.slot), first.query)
+            if self.window_s > 0:
+                end = first.enqueued + self.window_s
+                while len(self._queue) < self.max_batch and (left := end - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            batch, rest = [], collections.deque()
+            while self._queue:
+                e = self._queue.popleft()
+                if len(batch) < self.max_batch and (id(e.slot), e.query) == key:
+                    batch.append(e)
+                else:
+                    rest.append(e)
+            self._queue = rest
+            return batch
+
+    def _dispatch(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                return
+            try:
+                self._run_batch(batch)
+            except BaseException as error:  # the dispatcher must outlive any batch
+                logger.exception("batch failed outside the model call")
+                for e in batch:
+                    if not e.done.is_set():
+                        e.error = error
+                        e.done.set()
+
+    def _run_batch(self, entries: list[_Entry]) -> None:
         now = time.monotonic()
         live = []
         for e in entries:
+            self.metrics.stage.labels("queue_wait").observe(now - e.enqueued)
             if e.deadline is not None and e.deadline <= now:
-                e.error = DeadlineExceeded("the deadline passed while the call waited for its batch")
+                e.error = DeadlineExceeded("the deadline passed while the call waited for the model")
                 e.done.set()
             else:
                 live.append(e)
@@ -88,7 +119,7 @@ class MicroBatcher:
         timeout = max(min(deadlines) - now, 0.001) if deadlines else None
         self.metrics.batch_size.observe(len(live))
         try:
-            ids, scores, scored = slot.run(histories, query, timeout)
+            ids, scores, scored = live[0].slot.run(histories, live[0].query, timeout)
             for i, e in enumerate(live):
                 e.result = (ids[i], scores[i], scored[i])
         except BaseException as error:  # every waiter learns the batch's fate

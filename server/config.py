@@ -34,7 +34,7 @@ class Config:
     max_user_id_bytes: int = 256
     allow_exhaustive: bool = False
     batch_window_ms: float = 0.0
-    max_batch: int = 32
+    max_batch: int = 1
     reload_interval_s: float = 2.0
     grace_s: float = 10.0
     max_message_bytes: int = 4 << 20
@@ -77,9 +77,10 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "allow_exhaustive": (bool, "accept mode=exhaustive (scores the whole corpus per user)"),
     "batch_window_ms": (
         float,
-        "in-process micro-batching: how long a call waits for others with the same parameters (0 = off)",
+        "micro-batching: how long a lone call waits for company (0 = batch only the calls that "
+        "queued while the model was busy)",
     ),
-    "max_batch": (int, "most users in one micro-batched model call"),
+    "max_batch": (int, "in-process micro-batching: most users in one model call (1 = off)"),
     "reload_interval_s": (float, "how often to look for a newer model version (0 = never)"),
     "grace_s": (float, "on SIGTERM, how long in-flight calls may finish"),
     "max_message_bytes": (int, "largest gRPC message received or sent"),

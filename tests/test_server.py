@@ -348,7 +348,14 @@ def test_health_is_serving_only_after_the_warm_up(start_server, served_workdir):
 def test_sigterm_drains_in_flight_calls_then_exits_zero(start_server, served_workdir, snapshot):
     # A 1.5 s batching window keeps calls in flight long enough to signal in the middle of them.
     server = start_server(
-        "--model", str(served_workdir / "export"), "--batch-window-ms", "1500", "--grace-s", "20"
+        "--model",
+        str(served_workdir / "export"),
+        "--max-batch",
+        "8",
+        "--batch-window-ms",
+        "1500",
+        "--grace-s",
+        "20",
     )
     results = []
 
@@ -455,7 +462,9 @@ def test_hot_reload_under_load_fails_no_request_and_a_damaged_version_is_refused
 
 
 def test_micro_batched_answers_equal_single_calls(start_server, served_workdir, snapshot, saved_model):
-    server = start_server("--model", str(served_workdir / "export"), "--batch-window-ms", "20")
+    server = start_server(
+        "--model", str(served_workdir / "export"), "--max-batch", "8", "--batch-window-ms", "20"
+    )
     answers = {}
 
     def one(i):
