@@ -171,9 +171,9 @@ def stage_means(before: dict, after: dict) -> dict:
 
 def serve(args, store: str, max_batch: int, users: list[str], concurrency: list[int]) -> dict:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from nann.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+    from server.client import wait_serving
 
     port, mport = free_port(), free_port()
     features = f"embedded:{args.workdir / 'features'}" if store == "embedded" else args.redis
@@ -204,18 +204,8 @@ def serve(args, store: str, max_batch: int, users: list[str], concurrency: list[
     )
     target = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        with grpc.insecure_channel(target) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server failed to start; see {log.name}")
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
+        if not wait_serving(target, 600, alive=lambda: proc.poll() is None):
+            raise SystemExit(f"server failed to start; see {log.name}")
         channels = [grpc.insecure_channel(target) for _ in range(max(concurrency))]
         stubs = [retrieval_pb2_grpc.RetrieverStub(c) for c in channels]
         local = threading.local()

@@ -179,22 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         env=env,
     )
     try:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from server.client import wait_serving
 
-        deadline = time.monotonic() + 300
-        with grpc.insecure_channel(target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    print((args.root / "server.log").read_text()[-3000:])
-                    raise SystemExit("the server did not reach SERVING; its log is above")
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
+        if not wait_serving(target, 300, alive=lambda: server.poll() is None):
+            print((args.root / "server.log").read_text()[-3000:])
+            raise SystemExit("the server did not reach SERVING; its log is above")
         print(
             f"  health: SERVING ({meta['num_items']} items, start layer {meta['start_layer']}, "
             f"defaults k={meta['defaults']['k']} ef={meta['defaults']['ef']} T={meta['defaults']['steps']})"

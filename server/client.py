@@ -38,6 +38,24 @@ def retrieve(target: str, request: retrieval_pb2.RetrieveRequest, timeout: float
         return candidates, dict(call.trailing_metadata() or ()), first or last, last
 
 
+def wait_serving(target: str, timeout: float, alive=lambda: True) -> bool:
+    """Polls grpc.health.v1 until SERVING (True), or until ``timeout`` passes or ``alive()`` is False."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while alive() and time.monotonic() < deadline:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m server.client",
