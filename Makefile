@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml
 	touch $@
 
 # End to end through the real server on the embedded default (no external service): builds a
-# model on a 50k-item synthetic corpus if none exists (synthesize -> train -> index -> export ->
+# model on a synthetic corpus of about 40k items if none exists (synthesize -> train -> index -> export ->
 # beam evaluation -> feature snapshot), starts `python -m server` on a free loopback port, calls
 # Retrieve for a few users, shows a new behaviour change the answer, stops the server.
 demo: setup
