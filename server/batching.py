@@ -18,17 +18,17 @@ import numpy as np
 
 from nann_common.contract import PAD_ID, Query
 from server.backends import ModelSlot
-from server.errors import DeadlineExceeded
+from server.errors import Cancelled, DeadlineExceeded
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 
 class _Entry:
-    __slots__ = ("slot", "query", "history", "deadline", "enqueued", "done", "result", "error")
+    __slots__ = ("slot", "query", "history", "deadline", "alive", "enqueued", "done", "result", "error")
 
-    def __init__(self, slot: ModelSlot, query: Query, history: np.ndarray, deadline: float | None):
-        self.slot, self.query, self.history, self.deadline = slot, query, history, deadline
+    def __init__(self, slot: ModelSlot, query: Query, history: np.ndarray, deadline: float | None, alive):
+        self.slot, self.query, self.history, self.deadline, self.alive = slot, query, history, deadline, alive
         self.enqueued = time.monotonic()
         self.done = threading.Event()
         self.result = None
@@ -46,9 +46,12 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._dispatch, name="batcher", daemon=True)
         self._thread.start()
 
-    def run(self, slot: ModelSlot, history: np.ndarray, query: Query, deadline: float | None):
-        """One user's (ids [k], scores [k], scored) through a shared model call."""
-        entry = _Entry(slot, query, history, deadline)
+    def run(self, slot: ModelSlot, history: np.ndarray, query: Query, deadline: float | None, alive=None):
+        """One user's (ids [k], scores [k], scored) through a shared model call.
+
+        ``alive()`` False (the caller cancelled) drops the call before the model runs it.
+        """
+        entry = _Entry(slot, query, history, deadline, alive or (lambda: True))
         with self._cond:
             self._queue.append(entry)
             self._cond.notify()
@@ -106,6 +109,9 @@ class MicroBatcher:
             self.metrics.stage.labels("queue_wait").observe(now - e.enqueued)
             if e.deadline is not None and e.deadline <= now:
                 e.error = DeadlineExceeded("the deadline passed while the call waited for the model")
+                e.done.set()
+            elif not e.alive():
+                e.error = Cancelled("the call was cancelled while it waited for the model")
                 e.done.set()
             else:
                 live.append(e)

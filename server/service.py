@@ -137,7 +137,7 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
         deadline = time.monotonic() + remaining if remaining is not None else None
         t_model = time.perf_counter()
         if self.batcher is not None:
-            ids, scores, scored = self.batcher.run(slot, known, query, deadline)
+            ids, scores, scored = self.batcher.run(slot, known, query, deadline, context.is_active)
         else:
             self.metrics.batch_size.observe(1)
             ids, scores, scored = slot.run(known[None, :], query, remaining)

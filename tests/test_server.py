@@ -482,6 +482,31 @@ def test_micro_batched_answers_equal_single_calls(start_server, served_workdir, 
     assert _sum(_samples(server.metrics_text()), "nann_batch_users_sum") == 8
 
 
+def test_a_cancelled_call_is_dropped_before_the_model_runs_it(start_server, served_workdir, snapshot):
+    # A 2 s batching window holds the call in the queue; the client cancels it meanwhile.
+    server = start_server(
+        "--model", str(served_workdir / "export"), "--max-batch", "8", "--batch-window-ms", "2000"
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        stream = retrieval_pb2_grpc.RetrieverStub(channel).Retrieve(
+            retrieval_pb2.RetrieveRequest(user_id=str(snapshot["users"][0])), timeout=30
+        )
+        time.sleep(0.5)
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        samples = _samples(server.metrics_text())
+        if _sum(samples, "grpc_server_handled_total", grpc_code="CANCELLED") == 1:
+            break
+        time.sleep(0.2)
+    assert _sum(samples, "grpc_server_handled_total", grpc_code="CANCELLED") == 1
+    assert _sum(samples, "nann_batch_users_count") == 0  # no model call ran for it
+    assert server.health() == "SERVING"
+
+
 def test_a_damaged_first_version_stops_the_start_with_a_clear_message(start_server, served_workdir, tmp_path):
     base = tmp_path / "export"
     base.mkdir()
