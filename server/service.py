@@ -119,6 +119,9 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
     # -- the call -----------------------------------------------------------------------
     def Retrieve(self, request, context):
         started = time.perf_counter()
+        rid = request.request_id
+        if len(rid) > 128 or not (rid.isascii() and rid.isprintable()):
+            raise InvalidArgument("request_id must be printable ASCII of at most 128 characters")
         self._check_alive(context)
         slot = self.backend.slot()
         query = self._query(request, slot)

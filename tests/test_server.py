@@ -164,6 +164,8 @@ BAD_REQUESTS = [
     ({"history": list(range(1001))}, "INVALID_ARGUMENT", "--max-history"),
     ({"history": [10**15, 10**15 + 1]}, "INVALID_ARGUMENT", "none of the 2 ids"),
     ({"user_id": "u" * 300}, "INVALID_ARGUMENT", "longer than 256 bytes"),
+    ({"history": [1], "request_id": "caf\u00e9"}, "INVALID_ARGUMENT", "request_id must be printable ASCII"),
+    ({"history": [1], "request_id": "r" * 200}, "INVALID_ARGUMENT", "request_id must be printable ASCII"),
 ]
 
 
@@ -288,6 +290,8 @@ def test_fuzz_ten_thousand_random_requests(server, snapshot):
             r.params.ef.extend(int(x) for x in rng.choice(huge32 + [20, 40], rng.integers(0, 4)))
         if rng.random() < 0.4:
             r.params.steps.extend(int(x) for x in rng.choice(huge32 + [1, 2], rng.integers(0, 4)))
+        if rng.random() < 0.1:
+            r.request_id = "".join(chr(c) for c in rng.integers(1, 0x2FF, rng.integers(0, 200)))
         if rng.random() < 0.3:
             r.params.mode = str(
                 rng.choice(["beam", "beam_sets", "hnsw", "exhaustive", "", "x" * 300, "\x00"])
