@@ -22,11 +22,11 @@ from tqdm import tqdm
 from model_export import retrieval
 from model_export.data import Dataset, load_dataset
 from model_export.model import NannModel, load_model_files
-from nann_common import artifacts
+from nann_common import artifacts, contract
 from nann_common.errors import ArtifactError, InputError
 
 logger = logging.getLogger(__name__)
-MODES = ("exhaustive", "beam", "hnsw", "beam_sets")
+MODES = contract.MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +181,7 @@ class Evaluation:
             from model_export.export import latest_export
 
             path = latest_export(self.workdir)
+            self.export_path = path
             self.export_meta = artifacts.read_meta(path, "saved_model")
             self._saved_model = tf.saved_model.load(str(path))
         return self._saved_model
@@ -188,23 +189,13 @@ class Evaluation:
     def retrieve(self, mode: str, k: int, ef=None, steps=None, progress: bool = True):
         """Runs the SavedModel's ``retrieve`` signature: (dense ids [users, k], items scored [users])."""
         model = self.saved_model()
-        params = self.export_meta["params"]
-        depth = params["start_layer"] + 1
-        ef = tuple(params["ef"]) if ef is None else tuple(ef)
-        steps = tuple(params["steps"]) if steps is None else tuple(steps)
-        for name, values in (("--ef", ef), ("--steps", steps)):
-            if len(values) != depth:
-                raise InputError(
-                    f"this export starts at layer {params['start_layer']}: give {depth} values to {name}, "
-                    f"top-down from the start layer to layer 0 (defaults: {params[name[2:]]})"
-                )
-        if not 1 <= k <= min(ef[-1], self.dataset.num_items):
-            raise InputError(
-                f"k must be in 1..min(ef of layer 0, items) = 1..{min(ef[-1], self.dataset.num_items)}, "
-                f"got {k}"
-            )
-        if min(ef) < 1 or min(steps) < 1:
-            raise InputError(f"every --ef and --steps value must be >= 1, got ef {ef} steps {steps}")
+        # The same checks and messages as the server's: the export's contract.
+        serving = contract.ServingContract.from_meta(self.export_path, self.export_meta)
+        try:
+            query = serving.resolve(k, ef, steps, mode)
+        except contract.InvalidRequest as e:
+            raise InputError(f"{e} (this export starts at layer {serving.start_layer})") from e
+        k, ef, steps = query.k, query.ef, query.steps
         fn = model.signatures["retrieve"]
         original = self.dataset.item_ids
         ids = np.empty((self.num_users, k), np.int32)

@@ -232,3 +232,17 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation):
         # Float rounding differs between the Keras model and the SavedModel's graph: a near-tie at
         # the beam's edge may flip, nothing more.
         assert np.mean(overlap) >= 0.99, (ef, steps, np.mean(overlap))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"ef": (20,)}, "ef needs 2 values"),
+        ({"k": 41}, r"k must be in 1..min\(ef of layer 0, items\) = 1..40"),
+        ({"mode": "greedy"}, "mode must be one of"),
+    ],
+)
+def test_evaluate_checks_queries_with_the_servers_contract(evaluation, kwargs, message):
+    args = {"mode": "beam", "k": 10, **kwargs}
+    with pytest.raises(InputError, match=message):
+        evaluation.retrieve(args.pop("mode"), args.pop("k"), progress=False, **args)
