@@ -1,5 +1,5 @@
 """Shared test fixtures: the real sample data beside the project, one trained and exported tiny
-workdir for the whole session, and a helper that runs the real server as a subprocess."""
+workdir for the whole test run, and a helper that runs the real server as a subprocess."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def userbehavior_csv() -> Path:
 def served_workdir(tmp_path_factory) -> Path:
     """A tiny din model, its graph, ONE exported SavedModel (version 1) and the feature snapshot.
 
-    Built once per session: training and export are the slow part of every serving test.
+    Built once per test run: training and export are the slow part of every serving test.
     Tests must not write into it; copy ``export/1`` elsewhere to make new versions.
     """
     from index_builder.build import BuildConfig, build_index
