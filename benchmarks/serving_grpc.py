@@ -100,31 +100,16 @@ def model_alone(
     model = tf.saved_model.load(str(c.path))
     fn = model.signatures["retrieve"]
     q = c.resolve()
+    item_ids = c.item_ids()
 
     def one(h):
-        known, _ = _known(c, h)
-        fn(
-            history=tf.constant(known[None, :]),
-            k=tf.constant([q.k]),
-            ef=tf.constant([list(q.ef)]),
-            steps=tf.constant([list(q.steps)]),
-            mode=tf.constant([q.mode]),
-        )["item_ids"].numpy()
+        known, _ = contract.known_history(item_ids, h, c.max_len)
+        inputs = contract.retrieve_inputs(known[None, :], q)
+        fn(**{name: tf.constant(value) for name, value in inputs.items()})["item_ids"].numpy()
 
     for h in histories[:warmup]:
         one(h)
     return {str(n): drive(n, histories[warmup : warmup + requests], one) for n in concurrency}
-
-
-_ITEM_IDS = {}
-
-
-def _known(c, history):
-    ids = _ITEM_IDS.get(c.path)
-    if ids is None:
-        ids = _ITEM_IDS[c.path] = c.item_ids()
-    pos = np.minimum(np.searchsorted(ids, history), len(ids) - 1)
-    return history[ids[pos] == history][-c.max_len :], None
 
 
 def scrape(port: int) -> dict:

@@ -285,12 +285,10 @@ def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps) 
                 row += batch
                 request = predict_pb2.PredictRequest()
                 request.model_spec.signature_name = contract.RETRIEVE_SIGNATURE
+                query = contract.Query(k, tuple(ef), tuple(steps), contract.DEFAULT_MODE)
                 inputs = {
-                    "history": tf.make_tensor_proto(histories[take], tf.int64),
-                    "k": tf.make_tensor_proto([k] * batch, tf.int32),
-                    "ef": tf.make_tensor_proto([list(ef)] * batch, tf.int32),
-                    "steps": tf.make_tensor_proto([list(steps)] * batch, tf.int32),
-                    "mode": tf.make_tensor_proto([contract.DEFAULT_MODE.encode()] * batch, tf.string),
+                    name: tf.make_tensor_proto(value)
+                    for name, value in contract.retrieve_inputs(histories[take], query).items()
                 }
                 for name, proto in inputs.items():
                     request.inputs[name].CopyFrom(proto)

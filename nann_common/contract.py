@@ -147,6 +147,25 @@ class ServingContract:
         return ids
 
 
+def retrieve_inputs(histories: np.ndarray, query: Query) -> dict[str, np.ndarray]:
+    """The ``retrieve`` signature's inputs for histories [B, L] (original ids, -1 padded)."""
+    b = histories.shape[0]
+    return {
+        "history": np.asarray(histories, np.int64),
+        "k": np.full([b], query.k, np.int32),
+        "ef": np.tile(np.asarray(query.ef, np.int32), (b, 1)),
+        "steps": np.tile(np.asarray(query.steps, np.int32), (b, 1)),
+        "mode": np.array([query.mode.encode()] * b, object),
+    }
+
+
+def known_history(item_ids: np.ndarray, history: np.ndarray, max_len: int) -> tuple[np.ndarray, int]:
+    """Drops ids not in ascending ``item_ids``, keeps the most recent ``max_len`` -> (ids, dropped)."""
+    pos = np.minimum(np.searchsorted(item_ids, history), len(item_ids) - 1)
+    kept = history[item_ids[pos] == history]
+    return kept[-max_len:], int(len(history) - len(kept))
+
+
 def serving_block(
     *,
     num_items: int,

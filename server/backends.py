@@ -48,23 +48,7 @@ class ModelSlot:
 
     def known_history(self, history: np.ndarray) -> tuple[np.ndarray, int]:
         """Drops ids this version does not know; keeps the most recent ``max_len``. -> (ids, dropped)."""
-        pos = np.searchsorted(self.item_ids, history)
-        known = (pos < len(self.item_ids)) & (
-            self.item_ids[np.minimum(pos, len(self.item_ids) - 1)] == history
-        )
-        kept = history[known]
-        return kept[-self.contract.max_len :], int(len(history) - len(kept))
-
-
-def _retrieve_inputs(histories: np.ndarray, query: Query) -> dict[str, np.ndarray]:
-    b = histories.shape[0]
-    return {
-        "history": histories.astype(np.int64),
-        "k": np.full([b], query.k, np.int32),
-        "ef": np.tile(np.asarray(query.ef, np.int32), (b, 1)),
-        "steps": np.tile(np.asarray(query.steps, np.int32), (b, 1)),
-        "mode": np.array([query.mode.encode()] * b, object),
-    }
+        return contract_lib.known_history(self.item_ids, history, self.contract.max_len)
 
 
 def read_warmup(version_dir: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -238,7 +222,7 @@ class InProcessBackend(Backend):
                 )
 
             def run(histories, query, timeout=None):
-                inputs = _retrieve_inputs(histories, query)
+                inputs = contract_lib.retrieve_inputs(histories, query)
                 try:
                     out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
                 except tf.errors.InvalidArgumentError as e:
@@ -259,12 +243,6 @@ class InProcessBackend(Backend):
                 len(records),
             )
             return ModelSlot(contract, item_ids, run)
-
-
-def _to_tensor_proto(value: np.ndarray):
-    import tensorflow as tf
-
-    return tf.make_tensor_proto(value)
 
 
 class TFServingBackend(Backend):
@@ -388,8 +366,8 @@ class TFServingBackend(Backend):
         request.model_spec.signature_name = contract_lib.RETRIEVE_SIGNATURE
         if self.pinned:
             request.model_spec.version.value = contract.version
-        for name, value in _retrieve_inputs(histories, query).items():
-            request.inputs[name].CopyFrom(_to_tensor_proto(value))
+        for name, value in contract_lib.retrieve_inputs(histories, query).items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
         if timeout is None:
             timeout = self.timeout_s
         elif cap:
