@@ -8,7 +8,7 @@ DEMO := runs/demo
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-server.txt requirements-loadtest.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt

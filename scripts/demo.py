@@ -146,10 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--items", type=int, default=50000, help="synthetic corpus size (default 50000)")
     parser.add_argument("--users", type=int, default=10000, help="synthetic users (default 10000)")
+    parser.add_argument(
+        "--build-only",
+        action="store_true",
+        help="build the model (step 1) if missing and stop: docker-compose's init service",
+    )
     args = parser.parse_args(argv)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     work = build(args.root, args.items, args.users, env)
+    if args.build_only:
+        took = time.monotonic() - started
+        print(f"model ready: {work / 'export'} (features: {work / 'features'}), {took:.0f} s")
+        return 0
 
     import numpy as np
 

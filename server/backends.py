@@ -366,6 +366,13 @@ class TFServingBackend(Backend):
         request.model_spec.signature_name = contract_lib.RETRIEVE_SIGNATURE
         if self.pinned:
             request.model_spec.version.value = contract.version
+        # Padded to max_len (padding does not change the answer), so that TF Serving's batching
+        # can concatenate calls whose histories differ in length.
+        histories = np.asarray(histories, np.int64)
+        if histories.shape[1] < contract.max_len:
+            padded = np.full((histories.shape[0], contract.max_len), contract_lib.PAD_ID, np.int64)
+            padded[:, : histories.shape[1]] = histories
+            histories = padded
         for name, value in contract_lib.retrieve_inputs(histories, query).items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
         if timeout is None:

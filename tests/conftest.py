@@ -68,6 +68,30 @@ def served_workdir(tmp_path_factory) -> Path:
     return work
 
 
+SHARED_REDIS = "redis://127.0.0.1:6379/13"
+
+
+@pytest.fixture
+def redis_db13():
+    """DB 13 of the machine's Redis (the test is skipped if none answers); every key the
+    project writes there (``nann:*``) is deleted afterwards."""
+    import redis
+
+    from server import features
+
+    client = features.redis_client(SHARED_REDIS, timeout_s=1.0)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as e:
+        pytest.skip(f"no Redis at {SHARED_REDIS} ({e}); the project's machines run one at 127.0.0.1:6379")
+    yield SHARED_REDIS
+    keys = list(client.scan_iter(match=features.KEY_PREFIX + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.delete(features.META_KEY)
+    client.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -451,3 +451,122 @@ def test_kustomize_builds():
             "Service",
         ]
     )
+
+
+def test_k8s_manifests_validate_against_the_api_schemas():
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    version = kv.latest_version()
+    docs = [doc for path in k8s_manifests() for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}
+    for doc in docs:
+        kv.validate(doc, version, strict=True)  # raises on a schema violation or an unknown field
+    # The validator does catch a mistake: a misspelt field and a wrong type.
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 50051}}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, version, strict=True)
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["replicas"] = "three"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, version, strict=True)
+
+
+# --- docker-compose, Dockerfile, TF Serving ------------------------------------------------------
+
+COMPOSE = ROOT / "docker-compose.yml"
+TFSERVING = DEPLOY / "tfserving"
+
+
+def test_docker_compose_validates():
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose not on PATH (Debian package docker-compose)")
+    for profile in ([], ["--profile", "tfserving"]):
+        result = subprocess.run(
+            [compose, "-f", str(COMPOSE), *profile, "config", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stderr
+
+
+def test_compose_services_fit_together():
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert set(services) == {
+        "init",
+        "redis",
+        "features-loader",
+        "retrieval",
+        "tfserving",
+        "prometheus",
+        "grafana",
+        "locust",
+    }
+    retrieval = services["retrieval"]
+    model = retrieval["environment"]["NANN_MODEL"]
+    assert retrieval["build"]["target"] == "runtime" and "50051:50051" in retrieval["ports"]
+    assert retrieval["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert "inprocess" in retrieval["environment"]["NANN_BACKEND"]
+    # The init service builds exactly where the server, the loader, TF Serving and locust look.
+    assert "--build-only" in services["init"]["command"]
+    root = services["init"]["command"][services["init"]["command"].index("--root") + 1]
+    assert model == f"{root}/work/export"
+    assert f"{root}/work/features" in services["features-loader"]["command"]
+    assert services["locust"]["environment"]["NANN_LOADTEST_FEATURES"] == f"{root}/work/features"
+    assert services["locust"]["command"][:2] == ["--host", "retrieval:50051"]
+    assert services["locust"]["depends_on"]["retrieval"]["condition"] == "service_healthy"
+    # TF Serving: an optional profile, on the same export, with every config file it names.
+    tfs = services["tfserving"]
+    assert tfs["profiles"] == ["tfserving"]
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in tfs["command"])
+    assert flags["enable_model_warmup"] == "true" and flags["enable_batching"] == "true"
+    assert "./deploy/tfserving:/config:ro" in tfs["volumes"]
+    for key in ("model_config_file", "monitoring_config_file", "batching_parameters_file"):
+        assert (TFSERVING / Path(flags[key]).name).is_file(), key
+    models_config = (TFSERVING / "models.config").read_text()
+    assert re.search(rf'base_path:\s*"{re.escape(model)}"', models_config)
+    assert re.search(r"latest\s*\{\s*num_versions:\s*1\s*\}", models_config)
+    assert re.search(r'name:\s*"nann"', models_config)
+    assert 'path: "/monitoring/prometheus/metrics"' in (TFSERVING / "monitoring.config").read_text()
+    # Prometheus and Grafana get the deploy/ files these tests check.
+    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    grafana = services["grafana"]["volumes"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana
+    prometheus = (PROMETHEUS / "prometheus.yml").read_text()
+    assert '"retrieval:9100"' in prometheus and '"tfserving:8501"' in prometheus
+
+
+def test_tfserving_batches_fit_the_warmup_records():
+    from model_export.export import WARMUP_BATCHES
+
+    batching = (TFSERVING / "batching.config").read_text()
+    max_batch = int(re.search(r"max_batch_size\s*\{\s*value:\s*(\d+)", batching).group(1))
+    assert max_batch == max(
+        batch for batch, _ in WARMUP_BATCHES
+    )  # every batch shape TF Serving forms is warm
+
+
+def test_dockerfile_runtime_stage():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    stages = {name: base for base, name in re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M)}
+    assert set(stages) >= {"deps-server", "runtime", "loadtest", "trainer"}
+    runtime = text.split("AS runtime", 1)[1]
+    assert text.rstrip().endswith(runtime.rstrip())  # runtime is the last stage: the default target
+    assert "COPY --from=deps-server /opt/venv /opt/venv" in runtime
+    assert "deps-full" not in runtime and "model_export" not in runtime  # no training code or packages
+    assert re.search(r"^USER nann$", runtime, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n\s*CMD \[\"python\", \"-m\", \"server.healthcheck\"\]", runtime, re.M)
+    assert "NANN_HOST=0.0.0.0" in runtime and 'VOLUME ["/models"]' in runtime
+    requirements = (ROOT / "requirements-server.txt").read_text()
+    for package in ("hnswlib", "pandas", "matplotlib", "pytest", "ruff", "locust"):
+        assert not re.search(rf"^{package}==", requirements, re.M | re.I), package
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") :][:1] == ["*"]  # allow-list: runs/, .venv and .git stay out
+    assert not any(line.startswith(("!runs", "!.venv", "!.git", "!benchmarks")) for line in ignore)

@@ -19,8 +19,6 @@ from conftest import ROOT, free_port
 from nann.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from server import features
 
-SHARED_REDIS = "redis://127.0.0.1:6379/13"
-
 
 def call(target, **fields):
     with grpc.insecure_channel(target) as channel:
@@ -37,28 +35,11 @@ def snapshot(served_workdir):
     return {name: np.load(d / f"{name}.npy") for name in ("users", "offsets", "items")}
 
 
-def _redis_or_skip(url):
-    import redis
-
-    client = features.redis_client(url, timeout_s=1.0)
-    try:
-        client.ping()
-    except redis.exceptions.RedisError as e:
-        pytest.skip(f"no Redis at {url} ({e}); the project's machines run one at 127.0.0.1:6379")
-    return client
-
-
 @pytest.fixture
-def shared_redis(served_workdir):
+def shared_redis(served_workdir, redis_db13):
     """The snapshot loaded into DB 13 of the machine's Redis; our keys are deleted afterwards."""
-    client = _redis_or_skip(SHARED_REDIS)
-    features.load_snapshot(served_workdir / "features", SHARED_REDIS)
-    yield SHARED_REDIS
-    keys = list(client.scan_iter(match=features.KEY_PREFIX + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.delete(features.META_KEY)
-    client.close()
+    features.load_snapshot(served_workdir / "features", redis_db13)
+    return redis_db13
 
 
 class OwnRedis:
