@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := runs/demo
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint clean-demo image image-check stack
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,18 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Container images (runtime; TARGETS="runtime loadtest trainer" for all), with a debootstrap base
+# where no base image can be pulled; then run one with a model mounted: make image-check W=runs/demo/work
+image:
+	scripts/image.sh
+
+image-check: setup
+	scripts/image_check.sh $(or $(W),$(DEMO)/work)
+
+# The monitoring stack without containers on the demo model: Redis store, a real Prometheus, locust.
+stack: setup
+	$(BIN)/python -m loadtest.stack --workdir $(DEMO)/work --out runs/stack
 
 clean-demo:
 	rm -rf $(DEMO)

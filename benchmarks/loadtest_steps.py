@@ -1,0 +1,178 @@
+"""Highest sustained QPS at a p99 objective, through the real server, with each feature store.
+
+For each store (``embedded``, ``redis``): starts ``python -m server`` on the workdir's newest
+export (for Redis, first loads the snapshot into ``--redis``), runs locust's step load
+(``python -m loadtest.run --step-users ...``: each user count held ``--step-s`` seconds, the first
+``--settle-s`` not counted), and records every step's QPS and p50 / p99 of whole calls (the
+candidate stream consumed to its end). The highest QPS whose p99 is within the objective is
+reported for ``--p99-ms`` and for each of ``--also-p99-ms``.
+
+    python benchmarks/loadtest_steps.py --workdir W --stores embedded redis \\
+        --step-users 1,2,3,4,6,8 --step-s 40 --out benchmarks/results/loadtest_1365188.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loadtest import run as loadrun
+from loadtest.stack import Process, free_port
+from server.client import wait_serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def best_within(steps: list[dict], p99_ms: float) -> dict | None:
+    ok = [s for s in steps if s["failures"] == 0 and s.get("p99_ms", float("inf")) <= p99_ms]
+    return max(ok, key=lambda s: s["qps"]) if ok else None
+
+
+def remove_keys(url: str) -> None:
+    """Deletes the snapshot this benchmark loaded (``nann:*`` keys) from ``url``."""
+    from server import features as store
+
+    client = store.redis_client(url, timeout_s=5.0)
+    batch = []
+    for key in client.scan_iter(match="nann:*", count=5000):
+        batch.append(key)
+        if len(batch) == 5000:
+            client.delete(*batch)
+            batch = []
+    if batch:
+        client.delete(*batch)
+    client.close()
+
+
+def run_store(args, store: str, out: Path) -> dict:
+    work = Path(args.workdir).resolve()
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    features = f"embedded:{work / 'features'}"
+    if store == "redis":
+        features = args.redis
+        started = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-m", "server.features", "load", "--snapshot", str(work / "features")]
+            + ["--redis", args.redis],
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            timeout=1800,
+        )
+        print(f"loaded the snapshot into {args.redis} in {time.monotonic() - started:.0f} s", flush=True)
+    port, metrics_port = free_port(), free_port()
+    target = f"127.0.0.1:{port}"
+    server = Process(
+        "server",
+        [sys.executable, "-m", "server", "--model", str(work / "export"), "--features", features]
+        + ["--port", str(port), "--metrics-port", str(metrics_port), "--reload-interval-s", "0"]
+        + [f"--{flag}" for flag in args.server_flag],
+        out / f"server-{store}.log",
+        env,
+    )
+    try:
+        if not wait_serving(target, timeout=900, alive=server.alive):
+            raise SystemExit(f"server did not become SERVING:\n{server.tail()}")
+        load_args = loadrun.parse_args(
+            ["--host", target, "--features", str(work / "features"), "--out", str(out / f"locust-{store}")]
+            + ["--step-users", ",".join(map(str, args.step_users)), "--step-s", str(args.step_s)]
+            + ["--settle-s", str(args.settle_s), "--p99-ms", str(args.p99_ms), "--k", str(args.k)]
+            + ["--deadline-s", str(args.deadline_s)]
+        )
+        summary = loadrun.run(load_args)
+    finally:
+        server.stop()
+        if store == "redis":
+            remove_keys(args.redis)
+    steps = summary["steps"]["steps"]
+    result = {
+        "store": store,
+        "features": "embedded snapshot" if store == "embedded" else args.redis,
+        "steps": steps,
+        "calls": summary["calls"],
+        "failures": summary["failures"],
+        "failures_by_error": summary["failures_by_error"],
+        "first_message_ms": summary["first_message_ms"],
+    }
+    for objective in [args.p99_ms, *args.also_p99_ms]:
+        best = best_within(steps, objective)
+        result[f"max_qps_at_p99_le_{objective:g}ms"] = (
+            {"qps": best["qps"], "users": best["users"], "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"]}
+            if best
+            else None
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="workdir with export/ and features/")
+    p.add_argument("--stores", nargs="+", default=["embedded", "redis"], choices=["embedded", "redis"])
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="Redis the snapshot is loaded into")
+    p.add_argument("--step-users", type=loadrun._csv_ints, default=[1, 2, 3, 4, 6, 8])
+    p.add_argument("--step-s", type=float, default=40.0)
+    p.add_argument("--settle-s", type=float, default=5.0)
+    p.add_argument("--p99-ms", type=float, default=50.0)
+    p.add_argument("--also-p99-ms", type=float, nargs="*", default=[100.0, 200.0])
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--deadline-s", type=float, default=5.0)
+    p.add_argument(
+        "--server-flag",
+        action="append",
+        default=[],
+        help="extra server flag without the leading dashes, e.g. --server-flag=max-batch=8 (repeatable)",
+    )
+    p.add_argument("--out", required=True, help="JSON file for the results (locust's reports beside it)")
+    args = p.parse_args(argv)
+    out_file = Path(args.out)
+    reports = out_file.with_suffix("")
+    reports.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results = [run_store(args, store, reports) for store in args.stores]
+    meta = json.loads(
+        max((Path(args.workdir) / "export").glob("[0-9]*"), key=lambda d: int(d.name))
+        .joinpath("meta.json")
+        .read_text()
+    )
+    record = {
+        "command": "python benchmarks/loadtest_steps.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "started_unix": started,
+        "items": meta["serving"]["num_items"],
+        "query": {
+            "k": args.k,
+            "ef": meta["serving"]["defaults"]["ef"],
+            "steps": meta["serving"]["defaults"]["steps"],
+        },
+        "load": "locust step load, closed loop: every user calls Retrieve back to back, consuming the stream",
+        "step_s": args.step_s,
+        "settle_s": args.settle_s,
+        "server_flags": args.server_flag,
+        "results": results,
+    }
+    out_file.write_text(json.dumps(record, indent=2) + "\n")
+    for r in results:
+        print(f"\n{r['store']} store:")
+        print(f"{'users':>6} {'QPS':>7} {'p50 ms':>8} {'p99 ms':>8} {'fail':>5}")
+        for s in r["steps"]:
+            print(
+                f"{s['users']:>6} {s['qps']:>7.1f} {s.get('p50_ms', float('nan')):>8.1f} "
+                f"{s.get('p99_ms', float('nan')):>8.1f} {s['failures']:>5}"
+            )
+        for objective in [args.p99_ms, *args.also_p99_ms]:
+            best = r[f"max_qps_at_p99_le_{objective:g}ms"]
+            text = f"{best['qps']:.1f} QPS ({best['users']} users)" if best else "no step"
+            print(f"  highest sustained QPS at p99 <= {objective:g} ms: {text}")
+    print(f"\nwritten: {out_file} (locust reports in {reports}/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
