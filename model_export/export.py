@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -330,7 +329,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     export_root = workdir / EXPORT_DIR
     export_root.mkdir(parents=True, exist_ok=True)
     version = _next_version(export_root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=export_root))
+    tmp = artifacts.temp_dir(export_root, f".{version}.tmp-")
     try:
         tf.saved_model.save(
             module,

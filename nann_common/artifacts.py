@@ -69,6 +69,19 @@ def provenance(kind: str, params: dict, inputs: dict | None = None) -> dict:
     }
 
 
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``parent`` with the permissions ``mkdir`` would give (0777 & ~umask).
+
+    mkdtemp creates 0700, which a renamed artifact would keep: a server running as another user
+    (a container's non-root user reading a mounted model) could not read it.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary directory that replaces ``final`` only if the block succeeds.
@@ -79,7 +92,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = temp_dir(final.parent, f".{final.name}.tmp-")
     try:
         yield tmp
         if final.exists():
@@ -115,6 +128,18 @@ def read_meta(directory: str | os.PathLike, kind: str, verify: bool = True) -> d
         missing or does not match its recorded checksum.
     """
     directory = Path(directory)
+    try:
+        return _read_meta(directory, kind, verify)
+    except PermissionError as e:
+        raise ArtifactError(
+            f"{e.filename or directory}: permission denied; make the {kind} readable by this user "
+            f"(uid {os.getuid()}), e.g. chmod -R a+rX {directory}"
+        ) from e
+    except OSError as e:
+        raise ArtifactError(f"{e.filename or directory}: cannot read the {kind} ({e.strerror or e})") from e
+
+
+def _read_meta(directory: Path, kind: str, verify: bool) -> dict:
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise ArtifactError(

@@ -31,7 +31,7 @@ for _ in $(seq 1 120); do
     sleep 5
 done
 [ "$last" = healthy ] || { docker logs "$name" | tail -20; echo "not healthy after 600 s" >&2; exit 1; }
-echo "healthcheck log: $(docker inspect --format '{{(index .State.Health.Log 0).Output}}' "$name" | tr -d '\n')"
+echo "healthcheck probes so far: $(docker inspect --format '{{range .State.Health.Log}}{{.ExitCode}}:{{.Output}} {{end}}' "$name" | tr '\n' ' ')"
 echo "runs as: $(docker exec "$name" id)"
 echo "\$ python -m server.client --target 127.0.0.1:$port --user $user --k 5"
 "$python" -m server.client --target "127.0.0.1:$port" --user "$user" --k 5
