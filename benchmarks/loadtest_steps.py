@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=5.0)
     p.add_argument("--p99-ms", type=float, default=50.0)
     p.add_argument("--also-p99-ms", type=float, nargs="*", default=[100.0, 200.0])
-    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--k", type=int, default=0, help="candidates per call (0 = the model's default)")
     p.add_argument("--deadline-s", type=float, default=5.0)
     p.add_argument(
         "--server-flag",
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_unix": started,
         "items": meta["serving"]["num_items"],
         "query": {
-            "k": args.k,
+            "k": args.k or meta["serving"]["defaults"]["k"],
             "ef": meta["serving"]["defaults"]["ef"],
             "steps": meta["serving"]["defaults"]["steps"],
         },

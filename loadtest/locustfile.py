@@ -15,7 +15,7 @@ Settings (environment):
   features``); users are drawn from it
 - ``NANN_LOADTEST_INLINE``    fraction of calls that send the user's history inline instead of
   the user id (default 0: the server reads its feature store)
-- ``NANN_LOADTEST_K``         candidates per call (default 200)
+- ``NANN_LOADTEST_K``         candidates per call (default 0: the model's default)
 - ``NANN_LOADTEST_DEADLINE_S`` deadline of every call (default 2.0)
 - ``NANN_LOADTEST_EF``, ``NANN_LOADTEST_STEPS``  per-layer search parameters, comma-separated
   (default: the model's)
@@ -89,7 +89,7 @@ class Workload:
         if not self.users:
             raise SystemExit(f"{features}: no user has a history")
         self.inline = _env_float("NANN_LOADTEST_INLINE", 0.0)
-        self.k = int(_env_float("NANN_LOADTEST_K", 200))
+        self.k = int(_env_float("NANN_LOADTEST_K", 0))
         self.deadline_s = _env_float("NANN_LOADTEST_DEADLINE_S", 2.0)
         ef, steps = _env_ints("NANN_LOADTEST_EF"), _env_ints("NANN_LOADTEST_STEPS")
         self.params = retrieval_pb2.SearchParams(ef=ef, steps=steps) if ef or steps else None

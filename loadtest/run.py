@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-s", type=float, default=30.0, help="step load: seconds per step")
     p.add_argument("--settle-s", type=float, default=5.0, help="step load: seconds not counted per step")
     p.add_argument("--p99-ms", type=float, default=50.0, help="step load: the p99 objective")
-    p.add_argument("--k", type=int, default=200, help="candidates per call")
+    p.add_argument("--k", type=int, default=0, help="candidates per call (0 = the model's default)")
     p.add_argument("--deadline-s", type=float, default=2.0, help="deadline of every call")
     p.add_argument("--inline", type=float, default=0.0, help="fraction of calls sending the history inline")
     p.add_argument("--ef", default="", help="per-layer ef, comma-separated (default: the model's)")

@@ -135,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis", default="redis://127.0.0.1:6379/13", help="Redis the features are loaded into")
     p.add_argument("--users", type=int, default=4, help="locust users (calls in flight)")
     p.add_argument("--duration", type=float, default=30.0, help="locust run time, seconds (>= 15)")
-    p.add_argument("--k", type=int, default=200, help="candidates per call")
+    p.add_argument("--k", type=int, default=0, help="candidates per call (0 = the model's default)")
     p.add_argument("--deadline-s", type=float, default=2.0, help="deadline of every call")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative QPS disagreement")
     p.add_argument("--prometheus", default="prometheus", help="the Prometheus server binary")

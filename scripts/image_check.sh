@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make image-check W=DIR: run the runtime image with a workdir's model mounted (DIR holds export/
 # and features/), wait for its HEALTHCHECK to report healthy, call Retrieve through it from the
-# host, check it runs as a non-root user, stop it with SIGTERM and check it exits 0.
+# host, check it runs as a non-root user, run the loadtest image against it for 10 s (where built),
+# stop it with SIGTERM and check it exits 0.
 # Uses the host network (Docker engines here run without a bridge) on free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,13 @@ echo "runs as: $(docker exec "$name" id)"
 echo "\$ python -m server.client --target 127.0.0.1:$port --user $user --k 5"
 "$python" -m server.client --target "127.0.0.1:$port" --user "$user" --k 5
 echo "/metrics: $(curl -s "http://127.0.0.1:$metrics/metrics" | grep -E '^grpc_server_handled_total' | head -3)"
+if docker image inspect nann-loadtest:latest >/dev/null 2>&1; then
+    echo "\$ docker run --network host -v W/features:/features:ro -e NANN_LOADTEST_FEATURES=/features" \
+        "nann-loadtest --headless -u 2 -r 2 -t 10s --host 127.0.0.1:$port --only-summary"
+    docker run --rm --network host -v "$workdir/features:/features:ro" -e NANN_LOADTEST_FEATURES=/features \
+        nann-loadtest:latest --headless -u 2 -r 2 -t 10s --host "127.0.0.1:$port" --only-summary 2>&1 \
+        | grep -E "^(Type|grpc|-----| +Aggregated)" | head -8
+fi
 docker stop --time 30 "$name" >/dev/null
 echo "stopped with SIGTERM: exit code $(docker inspect --format '{{.State.ExitCode}}' "$name")"
 docker logs "$name" 2>&1 | tail -3
