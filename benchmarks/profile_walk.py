@@ -1,0 +1,226 @@
+"""Where a Beam-retrieval query spends its time: a traced ``Session.run`` of the ``retrieve`` signature.
+
+TF Serving runs a signature with ``Session.run``; this script does the same with
+``RunOptions(trace_level=FULL_TRACE)`` and sorts every executed op of one query by section
+(the start layer, each layer's rounds, the final top k) and, inside the walk, by kind:
+neighbour gather, visited marking, dedupe, scoring, top-k, control flow, other. Ops run on two
+inter-op threads, so the op times of a section can add up to more than its wall time; both are
+reported. Medians over ``--queries`` traced queries after ``--warmup`` untraced ones.
+
+    python benchmarks/profile_walk.py --workdir W --batch 1 32 \\
+        --out benchmarks/results/profile_walk_1365188.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from nann_common import contract as contract_lib
+from server.features import EmbeddedStore
+
+CONTROL = {
+    "Enter",
+    "Exit",
+    "Merge",
+    "Switch",
+    "NextIteration",
+    "LoopCond",
+    "Identity",
+    "NoOp",
+    "Const",
+    "_Retval",
+}
+LOOP = re.compile(r"/(while(?:_\d+)?)/")
+
+
+def kind(name: str, op: str) -> str:
+    """What an op inside a layer's loop does, from its type and name scope."""
+    if op in CONTROL:
+        return "control flow"
+    if op == "TopKV2":
+        return "top-k"
+    if op == "TensorScatterUpdate":
+        return "visited marking"
+    if (
+        "score_" in name
+        or "attention" in name
+        or op in ("MatMul", "_FusedMatMul", "BatchMatMulV2", "Softmax")
+    ):
+        return "scoring"
+    if (
+        op in ("Unique", "UniqueV2", "Bincount", "DenseBincount")
+        or "Ragged" in name
+        or "boolean_mask" in name
+    ):
+        return "dedupe"
+    if op in ("GatherV2", "ResourceGather", "GatherNd"):
+        return "gather"
+    return "other"
+
+
+def session(path: Path):
+    graph = tf.Graph()
+    sess = tf.compat.v1.Session(graph=graph)
+    with graph.as_default():
+        meta_graph = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(path))
+    signature = meta_graph.signature_def[contract_lib.RETRIEVE_SIGNATURE]
+    feeds = {n: graph.get_tensor_by_name(t.name) for n, t in signature.inputs.items()}
+    fetches = {n: graph.get_tensor_by_name(t.name) for n, t in signature.outputs.items()}
+    return sess, feeds, fetches
+
+
+def histories(store: EmbeddedStore, item_ids: np.ndarray, max_len: int, batch: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = []
+    while len(rows) < batch:
+        user = int(store.users[rng.integers(len(store.users))])
+        kept, _ = contract_lib.known_history(item_ids, store.history(str(user)), max_len)
+        if len(kept):
+            rows.append(kept)
+    out = np.full((batch, max_len), contract_lib.PAD_ID, np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def profile_one(run_metadata) -> dict:
+    """One traced query -> per section: wall ms, op ms by kind, rounds."""
+    nodes = [n for dev in run_metadata.step_stats.dev_stats for n in dev.node_stats]
+    loops = sorted({m.group(1) for n in nodes if (m := LOOP.search(n.node_name))}, key=lambda s: (len(s), s))
+    sections = collections.defaultdict(lambda: {"op_ms": collections.Counter(), "start": None, "end": None})
+    first_loop_start = min(
+        (n.all_start_micros for n in nodes if LOOP.search(n.node_name)), default=float("inf")
+    )
+    for n in nodes:
+        op = n.timeline_label.split(" = ", 1)[1].split("(", 1)[0] if " = " in n.timeline_label else "?"
+        m = LOOP.search(n.node_name)
+        if m:
+            section = f"loop {loops.index(m.group(1))}"
+        elif n.all_start_micros < first_loop_start:
+            section = "before the walk (start layer)"
+        else:
+            section = "after the walk (final top k)"
+        s = sections[section]
+        s["op_ms"][kind(n.node_name, op)] += n.all_end_rel_micros / 1000
+        if op == "TopKV2" and m:
+            s.setdefault("rounds", 0)
+            s["rounds"] += 1
+        end = n.all_start_micros + n.all_end_rel_micros
+        s["start"] = n.all_start_micros if s["start"] is None else min(s["start"], n.all_start_micros)
+        s["end"] = end if s["end"] is None else max(s["end"], end)
+    out = {}
+    for name, s in sections.items():
+        out[name] = {
+            "wall_ms": (s["end"] - s["start"]) / 1000,
+            "op_ms": dict(s["op_ms"]),
+            "rounds": s.get("rounds", 0),
+        }
+    start = min(n.all_start_micros for n in nodes)
+    end = max(n.all_start_micros + n.all_end_rel_micros for n in nodes)
+    out["total"] = {"wall_ms": (end - start) / 1000}
+    return out
+
+
+def median_profile(profiles: list[dict]) -> dict:
+    names = sorted({k for p in profiles for k in p})
+    out = {}
+    for name in names:
+        got = [p[name] for p in profiles if name in p]
+        row = {"wall_ms": float(np.median([g["wall_ms"] for g in got]))}
+        kinds = sorted({k for g in got for k in g.get("op_ms", {})})
+        if kinds:
+            row["op_ms"] = {k: float(np.median([g["op_ms"].get(k, 0.0) for g in got])) for k in kinds}
+            row["rounds"] = float(np.median([g["rounds"] for g in got]))
+        out[name] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="workdir with export/ and features/")
+    p.add_argument("--version", type=int, help="export version (default: the newest)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--queries", type=int, default=10, help="traced queries per batch size")
+    p.add_argument("--warmup", type=int, default=20, help="untraced queries first, per batch size")
+    p.add_argument("--ef", default="", help="per-layer ef (default: the export's)")
+    p.add_argument("--steps", default="", help="per-layer T (default: the export's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="JSON file")
+    args = p.parse_args(argv)
+    work = Path(args.workdir)
+    base = work / "export"
+    version = args.version or max(contract_lib.versions(base))
+    contract = contract_lib.load_contract(base / str(version), verify=False)
+    query = contract.resolve(
+        0, [int(x) for x in args.ef.split(",") if x], [int(x) for x in args.steps.split(",") if x], ""
+    )
+    store = EmbeddedStore(work / "features")
+    item_ids = contract.item_ids()
+    sess, feeds, fetches = session(base / str(version))
+    options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+    results = {}
+    for batch in args.batch:
+        hist = histories(store, item_ids, contract.max_len, batch, args.seed + batch)
+        feed = {feeds[n]: v for n, v in contract_lib.retrieve_inputs(hist, query).items()}
+        for _ in range(args.warmup):
+            sess.run(fetches, feed)
+        untraced = []
+        for _ in range(args.queries):
+            t0 = time.perf_counter()
+            out = sess.run(fetches, feed)
+            untraced.append((time.perf_counter() - t0) * 1000)
+        profiles = []
+        for _ in range(args.queries):
+            md = tf.compat.v1.RunMetadata()
+            sess.run(fetches, feed, options=options, run_metadata=md)
+            profiles.append(profile_one(md))
+        results[f"batch_{batch}"] = {
+            "untraced_p50_ms": float(np.median(untraced)),
+            "items_scored_per_user": float(np.mean(out["scored"])),
+            "sections": median_profile(profiles),
+        }
+        print_batch(batch, results[f"batch_{batch}"], contract.start_layer)
+    record = {
+        "command": "python benchmarks/profile_walk.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count()},
+        "items": contract.num_items,
+        "start_layer": contract.start_layer,
+        "query": {"k": query.k, "ef": list(query.ef), "steps": list(query.steps), "mode": query.mode},
+        "note": "loop i is the i-th layer walked top-down: loop 0 = layer start_layer - 1, last = layer 0",
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written: {args.out}")
+    return 0
+
+
+def print_batch(batch: int, r: dict, start_layer: int) -> None:
+    print(
+        f"\nbatch {batch}: {r['untraced_p50_ms']:.1f} ms untraced p50, "
+        f"{r['items_scored_per_user']:.0f} items scored per user"
+    )
+    kinds = ["gather", "visited marking", "dedupe", "scoring", "top-k", "control flow", "other"]
+    print(f"{'section':<32} {'wall ms':>8} {'rounds':>6} " + " ".join(f"{k[:10]:>10}" for k in kinds))
+    for name, s in r["sections"].items():
+        label = name
+        if name.startswith("loop "):
+            label = f"layer {start_layer - 1 - int(name.split()[1])} rounds"
+        ops = s.get("op_ms", {})
+        cells = " ".join(f"{ops.get(k, 0.0):>10.2f}" for k in kinds) if ops else ""
+        rounds = f"{s['rounds']:>6.0f}" if "rounds" in s else " " * 6
+        print(f"{label:<32} {s['wall_ms']:>8.2f} {rounds} {cells}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
