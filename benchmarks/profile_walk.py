@@ -54,7 +54,7 @@ def kind(name: str, op: str) -> str:
     if (
         "score_" in name
         or "attention" in name
-        or op in ("MatMul", "_FusedMatMul", "BatchMatMulV2", "Softmax")
+        or op in ("MatMul", "_FusedMatMul", "BatchMatMulV2", "Softmax", "Einsum")
     ):
         return "scoring"
     if (
@@ -94,45 +94,60 @@ def histories(store: EmbeddedStore, item_ids: np.ndarray, max_len: int, batch: i
 
 
 def profile_one(run_metadata) -> dict:
-    """One traced query -> per section: wall ms, op ms by kind, rounds."""
+    """One traced query -> per section: wall ms, op ms by kind, rounds.
+
+    Sections: each layer's loop (its wall time runs from its first to its last op); "start
+    layer" (ops before the first loop: the user state, scoring the start layer, its top ef);
+    "final top k" (after the last loop); "between layers" (the hand-off from one loop to the
+    next, op time only).
+    """
     nodes = [n for dev in run_metadata.step_stats.dev_stats for n in dev.node_stats]
+
+    def end_of(n):
+        return n.all_start_micros + n.all_end_rel_micros
+
     loops = sorted({m.group(1) for n in nodes if (m := LOOP.search(n.node_name))}, key=lambda s: (len(s), s))
-    sections = collections.defaultdict(lambda: {"op_ms": collections.Counter(), "start": None, "end": None})
-    first_loop_start = min(
-        (n.all_start_micros for n in nodes if LOOP.search(n.node_name)), default=float("inf")
-    )
+    spans = {}
+    for n in nodes:
+        if m := LOOP.search(n.node_name):
+            lo, hi = spans.get(m.group(1), (n.all_start_micros, end_of(n)))
+            spans[m.group(1)] = (min(lo, n.all_start_micros), max(hi, end_of(n)))
+    t0, t1 = min(n.all_start_micros for n in nodes), max(end_of(n) for n in nodes)
+    first = min((lo for lo, _ in spans.values()), default=t1)
+    last = max((hi for _, hi in spans.values()), default=t1)
+    walls = {"start layer": first - t0, "final top k": t1 - last}
+    walls.update({f"loop {loops.index(name)}": hi - lo for name, (lo, hi) in spans.items()})
+    ops = collections.defaultdict(collections.Counter)
+    rounds = collections.Counter()
     for n in nodes:
         op = n.timeline_label.split(" = ", 1)[1].split("(", 1)[0] if " = " in n.timeline_label else "?"
-        m = LOOP.search(n.node_name)
-        if m:
+        if m := LOOP.search(n.node_name):
             section = f"loop {loops.index(m.group(1))}"
-        elif n.all_start_micros < first_loop_start:
-            section = "before the walk (start layer)"
+            rounds[section] += op == "TopKV2"
+        elif n.all_start_micros < first:
+            section = "start layer"
+        elif n.all_start_micros >= last:
+            section = "final top k"
         else:
-            section = "after the walk (final top k)"
-        s = sections[section]
-        s["op_ms"][kind(n.node_name, op)] += n.all_end_rel_micros / 1000
-        if op == "TopKV2" and m:
-            s.setdefault("rounds", 0)
-            s["rounds"] += 1
-        end = n.all_start_micros + n.all_end_rel_micros
-        s["start"] = n.all_start_micros if s["start"] is None else min(s["start"], n.all_start_micros)
-        s["end"] = end if s["end"] is None else max(s["end"], end)
+            section = "between layers"
+        ops[section][kind(n.node_name, op)] += n.all_end_rel_micros / 1000
     out = {}
-    for name, s in sections.items():
-        out[name] = {
-            "wall_ms": (s["end"] - s["start"]) / 1000,
-            "op_ms": dict(s["op_ms"]),
-            "rounds": s.get("rounds", 0),
-        }
-    start = min(n.all_start_micros for n in nodes)
-    end = max(n.all_start_micros + n.all_end_rel_micros for n in nodes)
-    out["total"] = {"wall_ms": (end - start) / 1000}
+    for section in [
+        "start layer",
+        *[f"loop {i}" for i in range(len(loops))],
+        "between layers",
+        "final top k",
+    ]:
+        if section in ops or section in walls:
+            out[section] = {"wall_ms": walls.get(section, 0) / 1000, "op_ms": dict(ops[section])}
+            if section.startswith("loop "):
+                out[section]["rounds"] = rounds[section]
+    out["total"] = {"wall_ms": (t1 - t0) / 1000, "op_ms": dict(sum(ops.values(), collections.Counter()))}
     return out
 
 
 def median_profile(profiles: list[dict]) -> dict:
-    names = sorted({k for p in profiles for k in p})
+    names = list(dict.fromkeys(k for p in profiles for k in p))
     out = {}
     for name in names:
         got = [p[name] for p in profiles if name in p]
@@ -140,9 +155,23 @@ def median_profile(profiles: list[dict]) -> dict:
         kinds = sorted({k for g in got for k in g.get("op_ms", {})})
         if kinds:
             row["op_ms"] = {k: float(np.median([g["op_ms"].get(k, 0.0) for g in got])) for k in kinds}
+        if "rounds" in got[0]:
             row["rounds"] = float(np.median([g["rounds"] for g in got]))
         out[name] = row
     return out
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """float32 n x n matmul throughput in TensorFlow on this machine (the best of ``repeats``)."""
+    a = tf.random.normal([n, n])
+    b = tf.random.normal([n, n])
+    tf.matmul(a, b).numpy()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tf.matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef", default="", help="per-layer ef (default: the export's)")
     p.add_argument("--steps", default="", help="per-layer T (default: the export's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--flop-per-item",
+        type=float,
+        default=82.5e3,
+        help="scorer FLOP per candidate (din at the default sizes: item matrix 64x128, attention over "
+        "50 behaviours, the 128x128 projection, 128-64-32-1)",
+    )
     p.add_argument("--out", required=True, help="JSON file")
     args = p.parse_args(argv)
     work = Path(args.workdir)
@@ -184,13 +220,28 @@ def main(argv: list[str] | None = None) -> int:
             md = tf.compat.v1.RunMetadata()
             sess.run(fetches, feed, options=options, run_metadata=md)
             profiles.append(profile_one(md))
+        sections = median_profile(profiles)
+        scored = float(np.mean(out["scored"]))
+        scoring_ms = sections["total"]["op_ms"].get("scoring", 0.0)
         results[f"batch_{batch}"] = {
             "untraced_p50_ms": float(np.median(untraced)),
-            "items_scored_per_user": float(np.mean(out["scored"])),
-            "sections": median_profile(profiles),
+            "items_scored_per_user": scored,
+            "scorer_gflops": scored * batch * args.flop_per_item / (scoring_ms / 1000) / 1e9,
+            "query_gflops": scored * batch * args.flop_per_item / (np.median(untraced) / 1000) / 1e9,
+            "sections": sections,
         }
         print_batch(batch, results[f"batch_{batch}"], contract.start_layer)
+    peak = matmul_peak_gflops()
+    for r in results.values():
+        r["scorer_share_of_peak"] = r["scorer_gflops"] / peak
+        r["query_share_of_peak"] = r["query_gflops"] / peak
+        scorer = f"{r['scorer_gflops']:.1f} GFLOP/s ({100 * r['scorer_share_of_peak']:.0f}% of peak)"
+        query = f"{r['query_gflops']:.1f} GFLOP/s ({100 * r['query_share_of_peak']:.0f}%)"
+        print(f"{r['items_scored_per_user']:.0f} items/user: scorer {scorer}, whole query {query}")
+    print(f"float32 2048x2048 matmul peak: {peak:.1f} GFLOP/s")
     record = {
+        "matmul_peak_gflops": peak,
+        "flop_per_item": args.flop_per_item,
         "command": "python benchmarks/profile_walk.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count()},
@@ -211,7 +262,9 @@ def print_batch(batch: int, r: dict, start_layer: int) -> None:
         f"{r['items_scored_per_user']:.0f} items scored per user"
     )
     kinds = ["gather", "visited marking", "dedupe", "scoring", "top-k", "control flow", "other"]
-    print(f"{'section':<32} {'wall ms':>8} {'rounds':>6} " + " ".join(f"{k[:10]:>10}" for k in kinds))
+    print("wall ms: the section's elapsed time; the other columns: op time summed over both threads")
+    print("(other: elementwise ops, slicing, concatenation, variable reads)")
+    print(f"{'section':<22} {'wall ms':>8} {'rounds':>6} " + " ".join(f"{k[:10]:>10}" for k in kinds))
     for name, s in r["sections"].items():
         label = name
         if name.startswith("loop "):
@@ -219,7 +272,7 @@ def print_batch(batch: int, r: dict, start_layer: int) -> None:
         ops = s.get("op_ms", {})
         cells = " ".join(f"{ops.get(k, 0.0):>10.2f}" for k in kinds) if ops else ""
         rounds = f"{s['rounds']:>6.0f}" if "rounds" in s else " " * 6
-        print(f"{label:<32} {s['wall_ms']:>8.2f} {rounds} {cells}")
+        print(f"{label:<22} {s['wall_ms']:>8.2f} {rounds} {cells}")
 
 
 if __name__ == "__main__":
