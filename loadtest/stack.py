@@ -231,10 +231,11 @@ def run_stack(args: argparse.Namespace) -> dict:
     checks = {
         "no_failed_call": locust["failures"] == 0,
         "qps_agree": ratio is not None and abs(ratio - 1) <= args.tolerance,
-        # Calls still in flight when locust stops its users are counted by the server, not by locust.
-        "prometheus_counted_every_call": locust["calls"]
+        # The server also counts calls that locust's stopping users did not record (a fraction of
+        # a second of load), so the counts agree within 2%, not exactly.
+        "prometheus_counted_the_calls": locust["calls"]
         <= by_code.get("OK", 0)
-        <= locust["calls"] + args.users,
+        <= 1.02 * locust["calls"] + args.users,
         "recording_rule_evaluated": recorded is not None and recorded > 0,
         "no_alert_firing": not firing,
         "server_exit_0": server_exit == 0,

@@ -133,7 +133,7 @@ def test_stack_without_containers_prometheus_agrees_with_locust(served_workdir, 
     result = _run(
         "loadtest.stack",
         *("--workdir", str(served_workdir), "--redis", redis_db13, "--out", str(out)),
-        *("--users", "4", "--duration", "20", "--k", "10"),
+        *("--users", "4", "--duration", "30", "--k", "10"),
         timeout=600,
     )
     summary = json.loads((out / "stack.json").read_text()) if (out / "stack.json").exists() else None
