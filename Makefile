@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/python scripts/demo.py --root $(DEMO)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check .
