@@ -27,33 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export.walk_replay import replay_user
-
-
-def walk_layer0(graph, scores, seeds, width: int, rounds: int):
-    """Algorithm 2 on layer 0 from ``seeds`` (already scored): (beam, items scored in the walk)."""
-    n = len(scores)
-    table = graph.neighbors[0]
-    visited = np.zeros(n, bool)
-    visited[seeds] = True
-    cand = seeds
-    beam = seeds[np.argsort(-scores[seeds], kind="stable")[:width]]
-    scored = 0
-    for _ in range(rounds):
-        nb = table[cand].ravel()
-        nb = nb[nb >= 0]
-        new = np.unique(nb[~visited[nb]])
-        if not len(new):
-            break
-        visited[new] = True
-        scored += len(new)
-        pool = np.concatenate([beam, new])
-        keep = pool[np.argsort(-scores[pool], kind="stable")[:width]]
-        cand = np.intersect1d(keep, new)
-        beam = keep
-        if not len(cand):
-            break
-    return beam, scored
+from model_export.walk_replay import replay_user, walk_layer
 
 
 class SubGraph:
@@ -73,7 +47,7 @@ def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start
     """(top-k ids, items scored) of one user under one seeding variant."""
     behaviours = np.unique(history[history >= 0])
     if variant == "behaviours":
-        beam, walked = walk_layer0(graph, scores, behaviours, ef[-1], steps[-1])
+        beam, walked = walk_layer(graph, 0, scores, behaviours, ef[-1], steps[-1])
         return beam[np.argsort(-scores[beam], kind="stable")[:k]], len(behaviours) + walked
     g = graph if fraction == 1 else SubGraph(graph, start_layer, fraction)
     if variant == "cover":
@@ -83,7 +57,7 @@ def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start
         g, scores, ef[:-1] + [ef[-2]], steps[:-1] + [0], start_layer, ef[-2]
     )
     seeds = np.union1d(upper_top, behaviours)
-    beam, walked = walk_layer0(graph, scores, seeds, ef[-1], steps[-1])
+    beam, walked = walk_layer(graph, 0, scores, seeds, ef[-1], steps[-1])
     new_behaviours = len(np.setdiff1d(behaviours, upper_top))
     return beam[np.argsort(-scores[beam], kind="stable")[:k]], upper_scored + new_behaviours + walked
 

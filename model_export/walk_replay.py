@@ -18,37 +18,46 @@ def replay_user(graph, scores: np.ndarray, ef: list[int], steps: list[int], star
 
     ``ef`` and ``steps`` run top-down from ``start_layer`` to layer 0, as the export's.
     """
-    n = len(scores)
     start = graph.nodes[start_layer]
     scored = len(start)
     order = np.argsort(-scores[start], kind="stable")[: ef[0]]
     beam = start[order]
     for i, layer in enumerate(range(start_layer - 1, -1, -1)):
         width, rounds = ef[i + 1], steps[i + 1]
-        rows = graph.positions(layer) if layer else None
-        table = graph.neighbors[layer]
-        visited = np.zeros(n, bool)
-        visited[beam] = True
-        cand = beam  # Algorithm 2 expands every entry point
-        beam = beam[np.argsort(-scores[beam], kind="stable")[:width]]
-        for _ in range(rounds):
-            nb = table[cand if rows is None else rows[cand]].ravel()
-            nb = nb[nb >= 0]
-            if rows is not None:
-                nb = nb[rows[nb] >= 0]
-            new = np.unique(nb[~visited[nb]])
-            if not len(new):
-                break
-            visited[new] = True
-            scored += len(new)
-            pool = np.concatenate([beam, new])
-            keep = pool[np.argsort(-scores[pool], kind="stable")[:width]]
-            cand = np.intersect1d(keep, new)
-            beam = keep
-            if not len(cand):
-                break
+        beam, walked = walk_layer(graph, layer, scores, beam, width, rounds)
+        scored += walked
     top = beam[np.argsort(-scores[beam], kind="stable")[:k]]
     return top, scored
+
+
+def walk_layer(graph, layer: int, scores, entry, width: int, rounds: int):
+    """Algorithm 2 on one layer from ``entry`` (already scored; every one is expanded first):
+    at most ``rounds`` expansions of the newest beam members -> (beam, items scored in the walk).
+    """
+    visited = np.zeros(len(scores), bool)
+    visited[entry] = True
+    cand = entry
+    rows = graph.positions(layer) if layer else None
+    table = graph.neighbors[layer]
+    beam = entry[np.argsort(-scores[entry], kind="stable")[:width]]
+    scored = 0
+    for _ in range(rounds):
+        nb = table[cand if rows is None else rows[cand]].ravel()
+        nb = nb[nb >= 0]
+        if rows is not None:
+            nb = nb[rows[nb] >= 0]
+        new = np.unique(nb[~visited[nb]])
+        if not len(new):
+            break
+        visited[new] = True
+        scored += len(new)
+        pool = np.concatenate([beam, new])
+        keep = pool[np.argsort(-scores[pool], kind="stable")[:width]]
+        cand = np.intersect1d(keep, new)
+        beam = keep
+        if not len(cand):
+            break
+    return beam, scored
 
 
 def exact_scores(evaluation, chunk: int = 65536) -> np.ndarray:
