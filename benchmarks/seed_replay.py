@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     reference = np.argsort(-scores, axis=1, kind="stable")[:, : args.k]
     graph = load_graph(args.workdir / "index", verify=False)
     start_layer = default_start_layer([len(x) for x in graph.nodes], ef[::-1], graph.num_items)
+    if start_layer + 1 != len(ef):
+        print(f"start layer {start_layer} needs {start_layer + 1} ef and steps values", file=sys.stderr)
+        return 2
     variants = [("cover", 1)] + [("cover", f) for f in args.fractions]
     variants += [("behaviours", 1)] + [("cover+behaviours", f) for f in args.fractions]
     rows = []
