@@ -31,6 +31,12 @@ def evaluation(workdir) -> Evaluation:
     return Evaluation(workdir, "test")
 
 
+@pytest.fixture(scope="module")
+def saved(workdir):
+    """The export loaded once for the module: loading it costs seconds, each call milliseconds."""
+    return tf.saved_model.load(str(workdir / "export" / "1"))
+
+
 def retrieve(saved, history, k, ef, steps, mode):
     b = len(history)
     return saved.signatures["retrieve"](
@@ -111,8 +117,7 @@ def test_default_parameters_score_a_fraction_and_cover_most(evaluation):
     assert result["coverage"] >= 0.5, result
 
 
-def test_a_batch_equals_users_one_by_one(workdir, evaluation):
-    saved = tf.saved_model.load(str(workdir / "export" / "1"))
+def test_a_batch_equals_users_one_by_one(saved, evaluation):
     history = original_histories(evaluation, slice(0, 6))
     batch = retrieve(saved, history, 10, [20, 40], [1, 2], "beam")
     for i in range(len(history)):
@@ -121,7 +126,7 @@ def test_a_batch_equals_users_one_by_one(workdir, evaluation):
         np.testing.assert_allclose(single["scores"].numpy()[0], batch["scores"].numpy()[i], rtol=1e-5)
 
 
-def test_reload_gives_identical_results(workdir, evaluation):
+def test_reload_gives_identical_results(workdir, saved, evaluation):
     """The in-memory module before saving and the loaded SavedModel answer the same."""
     from model_export.model import load_model_files
     from nann_common.graph import load_graph
@@ -133,7 +138,6 @@ def test_reload_gives_identical_results(workdir, evaluation):
         load_graph(workdir / "index"),
         EXPORT,
     )
-    saved = tf.saved_model.load(str(workdir / "export" / "1"))
     history = tf.constant(original_histories(evaluation, slice(0, 8)), tf.int64)
     before = module.serve_default(history)
     after = saved.signatures["serving_default"](history=history)
@@ -153,8 +157,7 @@ def test_reload_gives_identical_results(workdir, evaluation):
         ({"empty_row": True}, "every user needs at least one behaviour"),
     ],
 )
-def test_bad_requests_get_clear_errors(workdir, evaluation, change, message):
-    saved = tf.saved_model.load(str(workdir / "export" / "1"))
+def test_bad_requests_get_clear_errors(saved, evaluation, change, message):
     history = original_histories(evaluation, slice(0, 2))
     if change.get("unknown_id"):
         history[0, 0] = evaluation.dataset.item_ids.max() + 12345

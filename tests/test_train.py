@@ -71,10 +71,10 @@ def test_checkpoint_reloads_to_identical_scores(trained, tiny_dataset):
     )
 
 
-def test_resumed_training_matches_uninterrupted_training(tiny_dataset, tmp_path, caplog):
+def test_resumed_training_matches_uninterrupted_training(trained, tiny_dataset, tmp_path, caplog):
+    """One epoch, stopped, then resumed to TINY's three ends where the `trained` run of three did."""
     one_epoch = TrainConfig(**{**TINY.__dict__, "epochs": 1})
-    straight = _workdir_with_dataset(tmp_path / "straight", tiny_dataset)
-    train(tiny_dataset, straight, TINY)
+    straight = trained
     resumed = _workdir_with_dataset(tmp_path / "resumed", tiny_dataset)
     train(tiny_dataset, resumed, one_epoch)
     with caplog.at_level(logging.INFO, logger="model_export.train"):
