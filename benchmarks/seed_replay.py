@@ -27,39 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export.walk_replay import replay_user, walk_layer
-
-
-class SubGraph:
-    """The graph with its start layer cut to every F-th node (the layers below unchanged)."""
-
-    def __init__(self, graph, start_layer: int, fraction: int):
-        self._graph = graph
-        self.nodes = list(graph.nodes)
-        self.nodes[start_layer] = graph.nodes[start_layer][::fraction]
-        self.neighbors = graph.neighbors
-
-    def positions(self, layer):
-        return self._graph.positions(layer)
+from model_export.walk_replay import replay_user
 
 
 def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start_layer: int, k: int):
     """(top-k ids, items scored) of one user under one seeding variant."""
-    behaviours = np.unique(history[history >= 0])
     if variant == "behaviours":
-        beam, walked = walk_layer(graph, 0, scores, behaviours, ef[-1], steps[-1])
-        return beam[np.argsort(-scores[beam], kind="stable")[:k]], len(behaviours) + walked
-    g = graph if fraction == 1 else SubGraph(graph, start_layer, fraction)
-    if variant == "cover":
-        return replay_user(g, scores, ef, steps, start_layer, k)
-    # cover/F + behaviours: walk the upper layers as usual, stop before layer 0, add the behaviours.
-    upper_top, upper_scored = replay_user(
-        g, scores, ef[:-1] + [ef[-2]], steps[:-1] + [0], start_layer, ef[-2]
-    )
-    seeds = np.union1d(upper_top, behaviours)
-    beam, walked = walk_layer(graph, 0, scores, seeds, ef[-1], steps[-1])
-    new_behaviours = len(np.setdiff1d(behaviours, upper_top))
-    return beam[np.argsort(-scores[beam], kind="stable")[:k]], upper_scored + new_behaviours + walked
+        return replay_user(graph, scores, ef[-1:], steps[-1:], 0, k, seeds=history)
+    start_nodes = graph.nodes[start_layer][::fraction]
+    seeds = history if variant == "cover+behaviours" else None
+    return replay_user(graph, scores, ef, steps, start_layer, k, start_nodes=start_nodes, seeds=seeds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=_positive_int, default=200, help="top-k to retrieve (default 200)")
     ev.add_argument(
         "--mode",
-        choices=("exhaustive", "beam", "hnsw", "beam_sets"),
+        choices=("exhaustive", "beam", "beam_history", "hnsw", "beam_sets"),
         default="exhaustive",
         help="search mode (default exhaustive; beam_sets = beam with raw set-op marking)",
     )
@@ -272,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=(1, 1, 3),
         help="default most rounds T per layer, top-down (default 1,1,3, the paper's); "
         "each layer's loop stops early once no new item enters the beam",
+    )
+    ex.add_argument(
+        "--mode",
+        choices=("beam", "beam_history"),
+        default="beam",
+        help="default search mode: beam (the start layer scored whole, then the walk; the paper's) "
+        "or beam_history (a thinned start layer, plus the user's own behaviours as entry points "
+        "of layer 0); both are always available per request",
+    )
+    ex.add_argument(
+        "--history-stride",
+        type=int,
+        default=2,
+        help="beam_history scores every F-th start-layer node (default 2); 0 skips the upper "
+        "layers and starts from the behaviours alone",
     )
 
     fe = sub.add_parser(
@@ -428,7 +443,15 @@ def _export(args) -> int:
     from model_export.export import ExportConfig, export
 
     path = export(
-        args.workdir, ExportConfig(start_layer=args.start_layer, k=args.k, ef=args.ef, steps=args.steps)
+        args.workdir,
+        ExportConfig(
+            start_layer=args.start_layer,
+            k=args.k,
+            ef=args.ef,
+            steps=args.steps,
+            mode=args.mode,
+            history_stride=args.history_stride,
+        ),
     )
     print(path)
     return 0

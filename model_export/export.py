@@ -15,7 +15,15 @@ Signatures (dense and batch-major, as TF Serving's batching needs):
 * ``retrieve``: the same plus per-request parameters, one row per user (all
   rows of a request must agree): ``k`` int32 [B], ``ef`` int32 [B, S+1] and
   ``steps`` int32 [B, S+1] from the start layer S down to layer 0 (the paper's
-  {ef_2, ef_1, ef_0}), ``mode`` string [B] in beam | beam_sets | hnsw | exhaustive.
+  {ef_2, ef_1, ef_0}), ``mode`` string [B] in beam | beam_history | beam_sets | hnsw |
+  exhaustive.
+
+Modes: ``beam`` scores the whole start layer and walks down (Algorithm 1). ``beam_history``
+scores every ``history_stride``-th start node only, walks down the same way, and adds the
+user's own behaviours to layer 0's entry points (with ``history_stride`` 0 the behaviours are
+the only entry points and the upper layers are skipped). ``beam_sets`` is ``beam`` with raw
+set-op marking (the paper's Table 1), ``hnsw`` the SL2G baseline, ``exhaustive`` the exact
+answer.
 
 Bad input fails with InvalidArgument and a message that says how to fix it.
 """
@@ -47,6 +55,8 @@ MODES = contract.MODES
 DEFAULT_EF = (100, 200, 400)
 DEFAULT_STEPS = (1, 1, 3)
 DEFAULT_K = 200
+DEFAULT_MODE = "beam"
+DEFAULT_HISTORY_STRIDE = 2
 EXPORT_DIR = "export"
 
 
@@ -58,6 +68,8 @@ class ExportConfig:
     k: int = DEFAULT_K
     ef: tuple[int, ...] = DEFAULT_EF
     steps: tuple[int, ...] = DEFAULT_STEPS
+    mode: str = DEFAULT_MODE
+    history_stride: int = DEFAULT_HISTORY_STRIDE  # beam_history: every F-th start node; 0 = none
 
 
 def _params_for(start_layer: int, values: tuple[int, ...]) -> tuple[int, ...]:
@@ -101,6 +113,18 @@ class RetrievalModule(tf.Module):
         self.default_k = config.k
         self.default_ef = _params_for(start, config.ef)
         self.default_steps = _params_for(start, config.steps)
+        if config.mode not in MODES:
+            raise InputError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+        if config.history_stride < 0:
+            raise InputError(
+                f"--history-stride must be >= 0 (0: behaviours only), got {config.history_stride}"
+            )
+        self.default_mode = config.mode
+        self.history_stride = config.history_stride
+        start_nodes = np.asarray(graph.nodes[start], np.int32)
+        # Never empty, so a stride the start layer cannot serve still leaves one node.
+        thin = start_nodes[:: config.history_stride] if config.history_stride else start_nodes[:1]
+        self.history_start_nodes = tf.Variable(thin, trainable=False, name="history_start_nodes")
         if not 1 <= config.k <= min(ef0, self.num_items):
             raise InputError(
                 f"k must be in 1..min(ef_0, items) = 1..{min(ef0, self.num_items)}, got {config.k}"
@@ -170,7 +194,7 @@ class RetrievalModule(tf.Module):
             tf.constant(self.default_k),
             tf.constant(self.default_ef),
             tf.constant(self.default_steps),
-            tf.constant("beam"),
+            tf.constant(self.default_mode),
         )
 
     def _retrieve_signature(self, history, k, ef, steps, mode):
@@ -215,8 +239,24 @@ class RetrievalModule(tf.Module):
                 self.graph, score_fn, self.item_e, batch, k, ef_list, steps_list, self.start_layer, marking
             )
 
+        def beam_history():
+            start = self.start_layer if self.history_stride else 0
+            return retrieval.beam_retrieval(
+                self.graph,
+                score_fn,
+                self.item_e,
+                batch,
+                k,
+                ef_list,
+                steps_list,
+                start,
+                start_nodes=self.history_start_nodes,
+                seeds=dense,
+            )
+
         branches = [
             (tf.equal(mode, "beam"), beam("bitmap")),
+            (tf.equal(mode, "beam_history"), beam_history),
             (tf.equal(mode, "beam_sets"), beam("sets")),
             (
                 tf.equal(mode, "hnsw"),
@@ -262,7 +302,7 @@ def warmup_histories(workdir: Path, item_ids: np.ndarray, max_len: int, users: i
     return np.where(hist >= 0, item_ids[np.maximum(hist, 0)], contract.PAD_ID).astype(np.int64)
 
 
-def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps) -> int:
+def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps, mode: str) -> int:
     """Writes TF Serving's warm-up file: PredictionLog records of ``retrieve`` calls at the defaults.
 
     TF Serving replays ``assets.extra/tf_serving_warmup_requests`` before it serves a version
@@ -284,7 +324,7 @@ def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps) 
                 row += batch
                 request = predict_pb2.PredictRequest()
                 request.model_spec.signature_name = contract.RETRIEVE_SIGNATURE
-                query = contract.Query(k, tuple(ef), tuple(steps), contract.DEFAULT_MODE)
+                query = contract.Query(k, tuple(ef), tuple(steps), mode)
                 inputs = {
                     name: tf.make_tensor_proto(value)
                     for name, value in contract.retrieve_inputs(histories[take], query).items()
@@ -342,7 +382,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
         (tmp / contract.ITEM_IDS_FILE).parent.mkdir(parents=True, exist_ok=True)
         np.save(tmp / contract.ITEM_IDS_FILE, np.asarray(item_ids, np.int64))
         records = write_warmup_requests(
-            tmp / contract.WARMUP_FILE, warmup, config.k, module.default_ef, module.default_steps
+            tmp / contract.WARMUP_FILE, warmup, config.k, module.default_ef, module.default_steps, config.mode
         )
         params = {
             **dataclasses.asdict(config),
@@ -369,6 +409,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             k=config.k,
             ef=module.default_ef,
             steps=module.default_steps,
+            mode=config.mode,
         )
         artifacts.write_meta(tmp, meta)
         final = export_root / str(version)
@@ -377,12 +418,15 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info(
-        "exported %s (start layer %d, defaults k=%d ef=%s T=%s, %d warm-up records)",
+        "exported %s (start layer %d, defaults mode=%s k=%d ef=%s T=%s, history stride %d, "
+        "%d warm-up records)",
         final,
         module.start_layer,
+        config.mode,
         config.k,
         module.default_ef,
         module.default_steps,
+        config.history_stride,
         records,
     )
     return final

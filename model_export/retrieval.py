@@ -253,24 +253,62 @@ def search_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef, steps, m
     return w_ids, w_s, scored
 
 
-def beam_retrieval(graph, score_fn, item_e, batch, k, ef, steps, start_layer, marking="bitmap"):
+def _add_seeds(score_fn, item_e, ids, scores, seeds, num_items):
+    """Adds seeds [B, L] (dense ids, -1 padded, repeats allowed) to entry points ids [B, w].
+
+    Seeds already among ``ids`` are not scored again. Returns (ids [B, w + L'], scores, items
+    scored per user [B]).
+    """
+    seeds = _distinct(seeds, num_items)
+    known = tf.reduce_any(seeds[:, :, None] == ids[:, None, :], axis=2)
+    new = tf.where(known, -1, seeds)
+    s_new = _score_ids(score_fn, item_e, new)
+    scored = tf.reduce_sum(tf.cast(new >= 0, tf.int32), axis=1)
+    return tf.concat([ids, new], axis=1), tf.concat([scores, s_new], axis=1), scored
+
+
+def beam_retrieval(
+    graph,
+    score_fn,
+    item_e,
+    batch,
+    k,
+    ef,
+    steps,
+    start_layer,
+    marking="bitmap",
+    start_nodes=None,
+    seeds=None,
+):
     """Algorithm 1 with the start layer scored exhaustively.
 
     Args:
       ef, steps: per layer from layer 0 upward (python lists or 1-D tensors of
         length >= start_layer + 1); entry ``l`` is ef_l / T_l.
-      start_layer: python int.
+      start_layer: python int; with 0 and ``seeds`` the walk starts from the seeds alone.
+      start_nodes: the nodes scored on the start layer (default: all of it).
+      seeds: optional [B, L] dense ids (-1 padded), for example the user's own behaviours:
+        extra entry points of layer 0, scored and expanded with the beam that reaches it.
     Returns:
       (ids [B, k] dense item ids, scores [B, k], items scored per user [B]).
     """
-    nodes = graph.nodes[start_layer]
-    start_scores = score_fn(
-        tf.broadcast_to(tf.gather(item_e, nodes)[None], [batch, tf.shape(nodes)[0], tf.shape(item_e)[1]])
-    )
-    ids = tf.broadcast_to(nodes[None], tf.shape(start_scores))
-    ids, scores = _fit_width(ids, start_scores, ef[start_layer])
-    scored = tf.fill([batch], tf.shape(nodes)[0])
-    for layer in range(start_layer - 1, -1, -1):
+    seeded_start = start_layer == 0 and seeds is not None
+    if seeded_start:  # no start layer: the seeds are the only entry points
+        ids = tf.zeros([batch, 0], tf.int32)
+        scores = tf.zeros([batch, 0], item_e.dtype)
+        scored = tf.zeros([batch], tf.int32)
+    else:
+        nodes = graph.nodes[start_layer] if start_nodes is None else start_nodes
+        start_scores = score_fn(
+            tf.broadcast_to(tf.gather(item_e, nodes)[None], [batch, tf.shape(nodes)[0], tf.shape(item_e)[1]])
+        )
+        ids = tf.broadcast_to(nodes[None], tf.shape(start_scores))
+        ids, scores = _fit_width(ids, start_scores, ef[start_layer])
+        scored = tf.fill([batch], tf.shape(nodes)[0])
+    for layer in range(0 if seeded_start else start_layer - 1, -1, -1):
+        if layer == 0 and seeds is not None:
+            ids, scores, n = _add_seeds(score_fn, item_e, ids, scores, seeds, graph.num_items)
+            scored += n
         ids, scores, n = search_layer(
             graph, layer, score_fn, item_e, ids, scores, ef[layer], steps[layer], marking
         )

@@ -13,18 +13,36 @@ import sys
 import numpy as np
 
 
-def replay_user(graph, scores: np.ndarray, ef: list[int], steps: list[int], start_layer: int, k: int):
+def replay_user(
+    graph,
+    scores: np.ndarray,
+    ef: list[int],
+    steps: list[int],
+    start_layer: int,
+    k: int,
+    start_nodes: np.ndarray | None = None,
+    seeds: np.ndarray | None = None,
+):
     """Algorithm 1 + 2 for one user over exact ``scores`` [N]: (top-k dense ids, items scored).
 
     ``ef`` and ``steps`` run top-down from ``start_layer`` to layer 0, as the export's.
+    ``start_nodes`` replaces the start layer's nodes; ``seeds`` (dense ids, -1 ignored) join the
+    entry points of layer 0, and with ``start_layer`` 0 are its only ones, as
+    :func:`model_export.retrieval.beam_retrieval`'s arguments of the same names.
     """
-    start = graph.nodes[start_layer]
-    scored = len(start)
-    order = np.argsort(-scores[start], kind="stable")[: ef[0]]
-    beam = start[order]
-    for i, layer in enumerate(range(start_layer - 1, -1, -1)):
-        width, rounds = ef[i + 1], steps[i + 1]
-        beam, walked = walk_layer(graph, layer, scores, beam, width, rounds)
+    seeds = None if seeds is None else np.unique(seeds[seeds >= 0])
+    if start_layer == 0 and seeds is not None:
+        beam, scored, layers = seeds, len(seeds), [0]
+    else:
+        start = graph.nodes[start_layer] if start_nodes is None else start_nodes
+        scored, layers = len(start), range(start_layer - 1, -1, -1)
+        beam = start[np.argsort(-scores[start], kind="stable")[: ef[0]]]
+    for layer in layers:
+        if layer == 0 and seeds is not None and start_layer:
+            new = np.setdiff1d(seeds, beam)
+            beam, scored = np.concatenate([beam, new]), scored + len(new)
+        top_down = start_layer - layer
+        beam, walked = walk_layer(graph, layer, scores, beam, ef[top_down], steps[top_down])
         scored += walked
     top = beam[np.argsort(-scores[beam], kind="stable")[:k]]
     return top, scored

@@ -24,8 +24,8 @@ from nann_common.errors import ArtifactError, NannError
 KIND = "saved_model"
 SERVING_KEY = "serving"
 CONTRACT_VERSION = 1
-MODES = ("beam", "beam_sets", "hnsw", "exhaustive")
-DEFAULT_MODE = "beam"
+MODES = ("beam", "beam_history", "beam_sets", "hnsw", "exhaustive")
+DEFAULT_MODE = "beam"  # of exports that name none
 DEFAULT_SIGNATURE = "serving_default"
 RETRIEVE_SIGNATURE = "retrieve"
 RETRIEVE_INPUTS = ("history", "k", "ef", "steps", "mode")
@@ -64,6 +64,7 @@ class ServingContract:
     default_steps: tuple[int, ...]
     modes: tuple[str, ...]
     digest: str
+    default_mode: str = DEFAULT_MODE
 
     @property
     def depth(self) -> int:
@@ -91,6 +92,7 @@ class ServingContract:
                 default_steps=tuple(int(x) for x in serving["defaults"]["steps"]),
                 modes=tuple(serving["modes"]),
                 digest=artifacts.digest(meta),
+                default_mode=str(serving["defaults"].get("mode", DEFAULT_MODE)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(
@@ -110,14 +112,14 @@ class ServingContract:
           k: results per user; None or 0 = the default.
           ef, steps: one value per layer, top-down from the start layer to layer 0; None or
             empty = the defaults.
-          mode: one of :attr:`modes`; None or "" = beam.
+          mode: one of :attr:`modes`; None or "" = the export's default mode.
 
         Raises:
           InvalidRequest: a value the signature would refuse, with what to send instead.
         """
         ef = tuple(int(x) for x in ef) if ef else self.default_ef
         steps = tuple(int(x) for x in steps) if steps else self.default_steps
-        mode = mode or DEFAULT_MODE
+        mode = mode or self.default_mode
         if mode not in self.modes:
             raise InvalidRequest(f"mode must be one of {', '.join(self.modes)}, got {mode!r}")
         for name, values, default in (("ef", ef, self.default_ef), ("steps", steps, self.default_steps)):
@@ -175,6 +177,7 @@ def serving_block(
     k: int,
     ef: tuple[int, ...],
     steps: tuple[int, ...],
+    mode: str = DEFAULT_MODE,
 ) -> dict:
     """The ``serving`` block of an export's meta.json (what :meth:`ServingContract.from_meta` reads)."""
     return {
@@ -193,7 +196,7 @@ def serving_block(
             "k": int(k),
             "ef": [int(x) for x in ef],
             "steps": [int(x) for x in steps],
-            "mode": "beam",
+            "mode": mode,
         },
         "bounds": {
             "k": "1..min(ef of layer 0, num_items)",

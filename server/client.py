@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", default="", help="user id, read from the server's feature store")
     parser.add_argument("--history", type=_ints, default=[], help="inline behaviour item ids, oldest first")
     parser.add_argument("--k", type=int, default=0, help="candidates wanted (default: the model's)")
-    parser.add_argument("--mode", default="", help="beam (default), beam_sets, hnsw, exhaustive")
+    parser.add_argument(
+        "--mode", default="", help="beam, beam_history, beam_sets, hnsw, exhaustive (default: the model's)"
+    )
     parser.add_argument("--ef", type=_ints, default=[], help="beam widths, top-down (default: the model's)")
     parser.add_argument("--steps", type=_ints, default=[], help="rounds T per layer, top-down")
     parser.add_argument("--show", type=int, default=10, help="candidates to print (default 10; 0 = all)")

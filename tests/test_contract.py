@@ -52,6 +52,16 @@ def test_contract_fills_defaults(served_workdir):
     assert (q.k, q.ef, q.steps, q.mode) == (10, (20, 40), (1, 2), "beam")
 
 
+def test_the_default_mode_is_the_exports(served_workdir):
+    meta = json.loads((served_workdir / "export" / "1" / "meta.json").read_text())
+    path = served_workdir / "export" / "1"
+    meta["serving"]["defaults"]["mode"] = "beam_history"
+    assert contract.ServingContract.from_meta(path, meta).resolve().mode == "beam_history"
+    assert contract.ServingContract.from_meta(path, meta).resolve(mode="beam").mode == "beam"
+    del meta["serving"]["defaults"]["mode"]  # an export from before modes had a default
+    assert contract.ServingContract.from_meta(path, meta).resolve().mode == "beam"
+
+
 def test_a_base_directory_without_versions_says_how_to_make_one(tmp_path):
     with pytest.raises(ArtifactError, match="model_export export"):
         contract.latest_contract(tmp_path)

@@ -216,15 +216,25 @@ def test_command_line_defaults_are_the_export_defaults():
     args = cli.build_parser().parse_args(["export", "--workdir", "w"])
     assert tuple(args.ef) == export_module.DEFAULT_EF and tuple(args.steps) == export_module.DEFAULT_STEPS
     assert args.k == export_module.DEFAULT_K
+    assert args.mode == export_module.DEFAULT_MODE
+    assert args.history_stride == export_module.DEFAULT_HISTORY_STRIDE
 
 
-def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation):
+@pytest.fixture(scope="module")
+def exact_scores(evaluation):
+    """Every item's score for every evaluated user (the replay's input)."""
+    from model_export import walk_replay as replay
+
+    return replay.exact_scores(evaluation)
+
+
+def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation, exact_scores):
     """model_export.walk_replay, used to compare graph builds, walks as the SavedModel does."""
     from model_export import walk_replay as replay
     from nann_common.graph import load_graph
 
     graph = load_graph(workdir / "index")
-    scores = replay.exact_scores(evaluation)
+    scores = exact_scores
     for ef, steps in (((20, 40), (1, 2)), ((10, 20), (2, 3))):
         ids, scored = evaluation.retrieve("beam", 10, ef, steps, progress=False)
         overlap = []
@@ -235,6 +245,48 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation):
         # Float rounding differs between the Keras model and the SavedModel's graph: a near-tie at
         # the beam's edge may flip, nothing more.
         assert np.mean(overlap) >= 0.99, (ef, steps, np.mean(overlap))
+
+
+@pytest.mark.parametrize("stride", [0, 1, 3])
+def test_beam_history_walks_as_the_replay(workdir, evaluation, exact_scores, stride):
+    """beam_history (a thinned start layer + the behaviours as layer-0 entry points) scores and
+    finds what model_export.walk_replay's replay of the same walk does, for every stride."""
+    from model_export.model import load_model_files
+    from model_export.walk_replay import replay_user
+    from nann_common.graph import load_graph
+
+    graph = load_graph(workdir / "index")
+    module = RetrievalModule(
+        load_model_files(workdir / "model"),
+        np.load(workdir / "embeddings" / "item_embeddings.npy"),
+        evaluation.dataset.item_ids,
+        graph,
+        ExportConfig(**{**EXPORT_PARAMS, "history_stride": stride}),
+    )
+    ef, steps, k, layer = (20, 40), (1, 3), 10, EXPORT.start_layer
+    rows = slice(0, 24)
+    b = len(evaluation.histories[rows])
+    out = module.retrieve(
+        history=tf.constant(original_histories(evaluation, rows), tf.int64),
+        k=tf.fill([b], k),
+        ef=tf.constant([ef] * b, tf.int32),
+        steps=tf.constant([steps] * b, tf.int32),
+        mode=tf.constant(["beam_history"] * b),
+    )
+    ids = np.searchsorted(evaluation.dataset.item_ids, out["item_ids"].numpy())
+    overlap = []
+    for u in range(b):
+        seeds = evaluation.histories[u]
+        if stride:
+            start_nodes = graph.nodes[layer][::stride]
+            top, n = replay_user(graph, exact_scores[u], list(ef), list(steps), layer, k, start_nodes, seeds)
+        else:
+            top, n = replay_user(graph, exact_scores[u], [ef[-1]], [steps[-1]], 0, k, seeds=seeds)
+        assert n == out["scored"].numpy()[u], (u, stride)
+        overlap.append(len(np.intersect1d(top, ids[u])) / k)
+    assert np.mean(overlap) >= 0.99, (stride, np.mean(overlap))
+    if stride == 0:  # the behaviours alone: fewer items than a start layer plus its walk
+        assert out["scored"].numpy().max() < graph.num_items
 
 
 @pytest.mark.parametrize(
