@@ -27,6 +27,8 @@ from loadtest.stack import Process, free_port
 from server.client import wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving_paths import parse_path  # noqa: E402
 
 
 def best_within(steps: list[dict], p99_ms: float) -> dict | None:
@@ -76,38 +78,52 @@ def run_store(args, store: str, out: Path) -> dict:
         out / f"server-{store}.log",
         env,
     )
+    results = []
     try:
         if not wait_serving(target, timeout=900, alive=server.alive):
             raise SystemExit(f"server did not become SERVING:\n{server.tail()}")
-        load_args = loadrun.parse_args(
-            ["--host", target, "--features", str(work / "features"), "--out", str(out / f"locust-{store}")]
-            + ["--step-users", ",".join(map(str, args.step_users)), "--step-s", str(args.step_s)]
-            + ["--settle-s", str(args.settle_s), "--p99-ms", str(args.p99_ms), "--k", str(args.k)]
-            + ["--deadline-s", str(args.deadline_s)]
-        )
-        summary = loadrun.run(load_args)
+        for label, mode, ef, steps in args.path or [("default", "", (), ())]:
+            name = store if not args.path else f"{store}-{label}"
+            load_args = loadrun.parse_args(
+                ["--host", target, "--features", str(work / "features"), "--out", str(out / f"locust-{name}")]
+                + ["--step-users", ",".join(map(str, args.step_users)), "--step-s", str(args.step_s)]
+                + ["--settle-s", str(args.settle_s), "--p99-ms", str(args.p99_ms), "--k", str(args.k)]
+                + ["--deadline-s", str(args.deadline_s), "--mode", mode]
+                + ["--ef", ",".join(map(str, ef)), "--steps", ",".join(map(str, steps))]
+            )
+            summary = loadrun.run(load_args)
+            steps_table = summary["steps"]["steps"]
+            result = {
+                "store": store,
+                "path": label,
+                "mode": mode or "the model's default",
+                "ef": list(ef) or "the model's default",
+                "steps": list(steps) or "the model's default",
+                "features": "embedded snapshot" if store == "embedded" else args.redis,
+                "steps_table": steps_table,
+                "calls": summary["calls"],
+                "failures": summary["failures"],
+                "failures_by_error": summary["failures_by_error"],
+                "first_message_ms": summary["first_message_ms"],
+            }
+            for objective in [args.p99_ms, *args.also_p99_ms]:
+                best = best_within(steps_table, objective)
+                result[f"max_qps_at_p99_le_{objective:g}ms"] = (
+                    {
+                        "qps": best["qps"],
+                        "users": best["users"],
+                        "p50_ms": best["p50_ms"],
+                        "p99_ms": best["p99_ms"],
+                    }
+                    if best
+                    else None
+                )
+            results.append(result)
     finally:
         server.stop()
         if store == "redis":
             remove_keys(args.redis)
-    steps = summary["steps"]["steps"]
-    result = {
-        "store": store,
-        "features": "embedded snapshot" if store == "embedded" else args.redis,
-        "steps": steps,
-        "calls": summary["calls"],
-        "failures": summary["failures"],
-        "failures_by_error": summary["failures_by_error"],
-        "first_message_ms": summary["first_message_ms"],
-    }
-    for objective in [args.p99_ms, *args.also_p99_ms]:
-        best = best_within(steps, objective)
-        result[f"max_qps_at_p99_le_{objective:g}ms"] = (
-            {"qps": best["qps"], "users": best["users"], "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"]}
-            if best
-            else None
-        )
-    return result
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,13 +144,21 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="extra server flag without the leading dashes, e.g. --server-flag=max-batch=8 (repeatable)",
     )
+    p.add_argument(
+        "--path",
+        type=parse_path,
+        action="append",
+        default=[],
+        help="LABEL=MODE/EF/T, a query setting to load-test (repeatable; each runs the whole step "
+        "load against the same server); default: the model's defaults",
+    )
     p.add_argument("--out", required=True, help="JSON file for the results (locust's reports beside it)")
     args = p.parse_args(argv)
     out_file = Path(args.out)
     reports = out_file.with_suffix("")
     reports.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results = [run_store(args, store, reports) for store in args.stores]
+    results = [r for store in args.stores for r in run_store(args, store, reports)]
     meta = json.loads(
         max((Path(args.workdir) / "export").glob("[0-9]*"), key=lambda d: int(d.name))
         .joinpath("meta.json")
@@ -159,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out_file.write_text(json.dumps(record, indent=2) + "\n")
     for r in results:
-        print(f"\n{r['store']} store:")
+        print(f"\n{r['store']} store, {r['path']} ({r['mode']}, ef {r['ef']}, T {r['steps']}):")
         print(f"{'users':>6} {'QPS':>7} {'p50 ms':>8} {'p99 ms':>8} {'fail':>5}")
-        for s in r["steps"]:
+        for s in r["steps_table"]:
             print(
                 f"{s['users']:>6} {s['qps']:>7.1f} {s.get('p50_ms', float('nan')):>8.1f} "
                 f"{s.get('p99_ms', float('nan')):>8.1f} {s['failures']:>5}"

@@ -19,6 +19,7 @@ Settings (environment):
 - ``NANN_LOADTEST_DEADLINE_S`` deadline of every call (default 2.0)
 - ``NANN_LOADTEST_EF``, ``NANN_LOADTEST_STEPS``  per-layer search parameters, comma-separated
   (default: the model's)
+- ``NANN_LOADTEST_MODE``      search mode, e.g. beam or beam_history (default: the model's)
 - ``NANN_LOADTEST_SEED``      seed of the user draw (default 0)
 - ``NANN_LOADTEST_STEP_USERS`` step load: comma-separated user counts, one step each (e.g.
   ``1,2,4,8,16``); unset = locust's usual ``-u``/``-r``/``-t``
@@ -92,7 +93,10 @@ class Workload:
         self.k = int(_env_float("NANN_LOADTEST_K", 0))
         self.deadline_s = _env_float("NANN_LOADTEST_DEADLINE_S", 2.0)
         ef, steps = _env_ints("NANN_LOADTEST_EF"), _env_ints("NANN_LOADTEST_STEPS")
-        self.params = retrieval_pb2.SearchParams(ef=ef, steps=steps) if ef or steps else None
+        mode = os.environ.get("NANN_LOADTEST_MODE", "").strip()
+        self.params = (
+            retrieval_pb2.SearchParams(mode=mode, ef=ef, steps=steps) if ef or steps or mode else None
+        )
         self.seed = int(_env_float("NANN_LOADTEST_SEED", 0))
 
     def request(self, rng: random.Random, number: int) -> retrieval_pb2.RetrieveRequest:

@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inline", type=float, default=0.0, help="fraction of calls sending the history inline")
     p.add_argument("--ef", default="", help="per-layer ef, comma-separated (default: the model's)")
     p.add_argument("--steps", default="", help="per-layer T, comma-separated (default: the model's)")
+    p.add_argument("--mode", default="", help="search mode, e.g. beam or beam_history (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the user draw")
     args = p.parse_args(argv)
     if args.users < 1 or args.duration <= 0:
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> dict:
         NANN_LOADTEST_INLINE=str(args.inline),
         NANN_LOADTEST_EF=args.ef,
         NANN_LOADTEST_STEPS=args.steps,
+        NANN_LOADTEST_MODE=args.mode,
         NANN_LOADTEST_SEED=str(args.seed),
     )
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host]

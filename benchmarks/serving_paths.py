@@ -1,0 +1,179 @@
+"""Two or more query paths of one export side by side, in one process: latency, throughput, cost,
+coverage and FLOP rate.
+
+Each ``--path LABEL=MODE/EF/T`` is a setting of the export's ``retrieve`` signature, run with
+``Session.run`` as TF Serving runs it. For every batch size the paths take turns on the same
+requests (path A, path B, A, B, ... over the same users), so a busy machine slows them alike.
+Per path and batch it reports:
+
+- p50 / p90 of a request and users per second (batch x requests / time);
+- items scored per user;
+- the FLOP rate: items scored x ``--flop-per-item`` / request time, against a float32
+  2048x2048 matmul measured in the same run (the machine's peak for the scorer's kind of work);
+- coverage@k on ``--coverage-users`` seeded test users, against their exhaustive top k
+  (cached in the workdir's eval/ as ``evaluate`` caches it), with its standard error, the
+  lowest user and the count below 0.9.
+
+    python benchmarks/serving_paths.py --workdir W \\
+        --path beam=beam/100,200,400/1,1,3 --path history=beam_history/100,200,400/1,1,5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from nann_common import contract  # noqa: E402
+
+
+def parse_path(text: str) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
+    label, _, setting = text.partition("=")
+    parts = setting.split("/")
+    if not label or len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            f"expected LABEL=MODE/EF/T, e.g. a=beam/100,200,400/1,1,3; got {text!r}"
+        )
+    mode, ef, steps = parts
+    return label, mode, tuple(int(x) for x in ef.split(",")), tuple(int(x) for x in steps.split(","))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from profile_walk import matmul_peak_gflops
+    from serving_latency import session_runner
+
+    from model_export.evaluate import Evaluation
+    from model_export.export import latest_export
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, type=Path, help="workdir with an export")
+    p.add_argument("--path", type=parse_path, action="append", required=True, help="LABEL=MODE/EF/T")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="users per request")
+    p.add_argument("--queries", type=int, default=40, help="timed requests per path and batch")
+    p.add_argument("--warmup", type=int, default=20, help="untimed requests per path and batch first")
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--coverage-users", type=int, default=256, help="seeded test users for coverage@k")
+    p.add_argument(
+        "--flop-per-item",
+        type=float,
+        default=82.5e3,
+        help="scorer FLOP per candidate (din at the default sizes, see profile_walk.py)",
+    )
+    p.add_argument("--out", type=Path, help="JSON file written")
+    args = p.parse_args(argv)
+
+    path = latest_export(args.workdir)
+    serving = contract.load_contract(path, verify=False)
+    queries = {}
+    for label, mode, ef, steps in args.path:
+        try:
+            queries[label] = serving.resolve(args.k, ef, steps, mode)
+        except contract.InvalidRequest as e:
+            p.error(f"--path {label}: {e}")
+    run = session_runner(path)
+    evaluation = Evaluation(args.workdir, "test", args.coverage_users, 0)
+    ids = evaluation.dataset.item_ids
+    histories = np.where(evaluation.histories >= 0, ids[np.maximum(evaluation.histories, 0)], -1)
+    reference = evaluation.reference(args.k, progress=True)
+
+    rows = []
+    for label, query in queries.items():
+        found, cost = [], []
+        for s in range(0, len(histories), 32):
+            out = run(contract.retrieve_inputs(histories[s : s + 32], query))
+            found.extend(np.searchsorted(ids, out["item_ids"]))
+            cost.extend(out["scored"])
+        cover = np.array([len(np.intersect1d(a, b)) / args.k for a, b in zip(found, reference, strict=True)])
+        rows.append(
+            {
+                "path": label,
+                "mode": query.mode,
+                "ef": list(query.ef),
+                "steps": list(query.steps),
+                "batch": "coverage",
+                "users": len(cover),
+                "coverage": round(float(cover.mean()), 4),
+                "coverage_sem": round(float(cover.std(ddof=1) / np.sqrt(len(cover))), 4),
+                "min_coverage": round(float(cover.min()), 4),
+                "users_below_0.9": int((cover < 0.9).sum()),
+                "scored_per_user": round(float(np.mean(cost)), 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    peak = matmul_peak_gflops()
+    print(f"float32 2048x2048 matmul: {peak:.1f} GFLOP/s", flush=True)
+    rng = np.random.default_rng(0)
+    for batch in args.batch:
+        times = {label: [] for label in queries}
+        scored = {label: [] for label in queries}
+        for q in range(args.warmup + args.queries):
+            users = histories[rng.choice(len(histories), batch)]
+            for label, query in queries.items():
+                inputs = contract.retrieve_inputs(users, query)
+                started = time.perf_counter()
+                out = run(inputs)
+                if q >= args.warmup:
+                    times[label].append(time.perf_counter() - started)
+                    scored[label].append(float(out["scored"].mean()))
+        for label, query in queries.items():
+            t = np.array(times[label])
+            items = float(np.mean(scored[label]))
+            gflops = items * batch * args.flop_per_item / float(np.median(t)) / 1e9
+            rows.append(
+                {
+                    "path": label,
+                    "mode": query.mode,
+                    "ef": list(query.ef),
+                    "steps": list(query.steps),
+                    "batch": batch,
+                    "p50_ms": round(1000 * float(np.median(t)), 2),
+                    "p90_ms": round(1000 * float(np.percentile(t, 90)), 2),
+                    "users_per_s": round(batch * len(t) / float(t.sum()), 1),
+                    "scored_per_user": round(items, 1),
+                    "gflops": round(gflops, 1),
+                    "share_of_peak": round(gflops / peak, 3),
+                    "requests": len(t),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    labels = list(queries)
+    for batch in args.batch:
+        by = {r["path"]: r for r in rows if r["batch"] == batch}
+        base = by[labels[0]]
+        for label in labels[1:]:
+            r = by[label]
+            print(
+                f"batch {batch}: {label} p50 {r['p50_ms']} ms vs {labels[0]} {base['p50_ms']} ms "
+                f"({base['p50_ms'] / r['p50_ms']:.2f}x); users/s {r['users_per_s']} vs "
+                f"{base['users_per_s']} ({r['users_per_s'] / base['users_per_s']:.2f}x)"
+            )
+    result = {
+        "command": "python benchmarks/serving_paths.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "export": str(path.relative_to(args.workdir)),
+        "items": serving.num_items,
+        "start_layer": serving.start_layer,
+        "layer_sizes": list(serving.layer_sizes),
+        "cpus": os.cpu_count(),
+        "matmul_peak_gflops": round(peak, 1),
+        "flop_per_item": args.flop_per_item,
+        "rows": rows,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
