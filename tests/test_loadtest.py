@@ -86,7 +86,7 @@ def test_headless_run_reports_first_and_last_message_and_failures_by_status_code
     ok = _run(
         "loadtest.run",
         *("--host", server.target, "--features", features, "--out", str(out)),
-        *("--users", "2", "--duration", "6", "--k", "10", "--inline", "0.5"),
+        *("--users", "2", "--duration", "6", "--k", "10", "--inline", "0.5", "--mode", "beam_history"),
         timeout=180,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -107,6 +107,18 @@ def test_headless_run_reports_first_and_last_message_and_failures_by_status_code
     summary = json.loads((bad / "summary.json").read_text())
     assert summary["failures"] > 0
     assert all("DEADLINE_EXCEEDED" in error for error in summary["failures_by_error"]), summary
+
+    unknown = tmp_path / "mode"
+    failed = _run(
+        "loadtest.run",
+        *("--host", server.target, "--features", features, "--out", str(unknown)),
+        *("--users", "2", "--duration", "4", "--k", "10", "--mode", "greedy"),
+        timeout=180,
+    )
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert (unknown / "summary.json").exists(), failed.stdout + failed.stderr
+    errors = json.loads((unknown / "summary.json").read_text())["failures_by_error"]
+    assert errors and all("INVALID_ARGUMENT" in e and "mode must be one of" in e for e in errors), errors
     assert server.health() == "SERVING"
 
 
