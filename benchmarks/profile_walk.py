@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="untraced queries first, per batch size")
     p.add_argument("--ef", default="", help="per-layer ef (default: the export's)")
     p.add_argument("--steps", default="", help="per-layer T (default: the export's)")
+    p.add_argument("--mode", default="", help="search mode, e.g. beam_history (default: the export's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--flop-per-item",
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     version = args.version or max(contract_lib.versions(base))
     contract = contract_lib.load_contract(base / str(version), verify=False)
     query = contract.resolve(
-        0, [int(x) for x in args.ef.split(",") if x], [int(x) for x in args.steps.split(",") if x], ""
+        0, [int(x) for x in args.ef.split(",") if x], [int(x) for x in args.steps.split(",") if x], args.mode
     )
     store = EmbeddedStore(work / "features")
     item_ids = contract.item_ids()
@@ -236,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         r["scorer_share_of_peak"] = r["scorer_gflops"] / peak
         r["query_share_of_peak"] = r["query_gflops"] / peak
         scorer = f"{r['scorer_gflops']:.1f} GFLOP/s ({100 * r['scorer_share_of_peak']:.0f}% of peak)"
-        query = f"{r['query_gflops']:.1f} GFLOP/s ({100 * r['query_share_of_peak']:.0f}%)"
-        print(f"{r['items_scored_per_user']:.0f} items/user: scorer {scorer}, whole query {query}")
+        whole = f"{r['query_gflops']:.1f} GFLOP/s ({100 * r['query_share_of_peak']:.0f}%)"
+        print(f"{r['items_scored_per_user']:.0f} items/user: scorer {scorer}, whole query {whole}")
     print(f"float32 2048x2048 matmul peak: {peak:.1f} GFLOP/s")
     record = {
         "matmul_peak_gflops": peak,

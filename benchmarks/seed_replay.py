@@ -35,6 +35,13 @@ def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start
     if variant == "behaviours":
         return replay_user(graph, scores, ef[-1:], steps[-1:], 0, k, seeds=history)
     start_nodes = graph.nodes[start_layer][::fraction]
+    if variant == "cover>0+behaviours":  # the start layer's best join layer 0 directly
+        best = start_nodes[np.argsort(-scores[start_nodes], kind="stable")[: ef[0]]]
+        behaviours = np.unique(history[history >= 0])
+        seeds = np.union1d(best, behaviours)
+        top, n = replay_user(graph, scores, ef[-1:], steps[-1:], 0, k, seeds=seeds)
+        # Every start node and every behaviour outside them is scored once; then the walk.
+        return top, n - len(seeds) + len(start_nodes) + len(np.setdiff1d(behaviours, start_nodes))
     seeds = history if variant == "cover+behaviours" else None
     return replay_user(graph, scores, ef, steps, start_layer, k, start_nodes=start_nodes, seeds=seeds)
 
@@ -71,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants = [("cover", 1)] + [("cover", f) for f in args.fractions]
     variants += [("behaviours", 1)] + [("cover+behaviours", f) for f in args.fractions]
+    variants += [("cover>0+behaviours", f) for f in args.fractions]
     rows = []
     for t0 in sorted({base_steps[-1], *args.t0}):
         steps = base_steps[:-1] + [t0]
