@@ -1,7 +1,8 @@
 """Two or more query paths of one export side by side, in one process: latency, throughput, cost,
 coverage and FLOP rate.
 
-Each ``--path LABEL=MODE/EF/T`` is a setting of the export's ``retrieve`` signature, run with
+Each ``--path LABEL=MODE/EF/T`` is a setting of the newest export's ``retrieve`` signature (of
+version V with ``LABEL@V=...``, to set two exports side by side), run with
 ``Session.run`` as TF Serving runs it. For every batch size the paths take turns on the same
 requests (path A, path B, A, B, ... over the same users), so a busy machine slows them alike.
 Per path and batch it reports:
@@ -37,6 +38,7 @@ from nann_common import contract  # noqa: E402
 
 
 def parse_path(text: str) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
+    """LABEL=MODE/EF/T -> (label, mode, ef, steps); the label may end in @VERSION (an export version)."""
     label, _, setting = text.partition("=")
     parts = setting.split("/")
     if not label or len(parts) != 3:
@@ -45,6 +47,12 @@ def parse_path(text: str) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
         )
     mode, ef, steps = parts
     return label, mode, tuple(int(x) for x in ef.split(",")), tuple(int(x) for x in steps.split(","))
+
+
+def export_version(label: str) -> int | None:
+    """The export version a path label names with @VERSION, else None (the newest)."""
+    _, at, version = label.rpartition("@")
+    return int(version) if at and version.isdigit() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,30 +80,35 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     path = latest_export(args.workdir)
-    serving = contract.load_contract(path, verify=False)
-    queries = {}
+    base = path.parent
+    queries, runners, contracts = {}, {}, {}
     for label, mode, ef, steps in args.path:
+        version = export_version(label) or int(path.name)
+        if version not in contracts:
+            contracts[version] = contract.load_contract(base / str(version), verify=False)
+            runners[version] = session_runner(base / str(version))
         try:
-            queries[label] = serving.resolve(args.k, ef, steps, mode)
+            queries[label] = (version, contracts[version].resolve(args.k, ef, steps, mode))
         except contract.InvalidRequest as e:
             p.error(f"--path {label}: {e}")
-    run = session_runner(path)
+    serving = contracts[max(contracts)]
     evaluation = Evaluation(args.workdir, "test", args.coverage_users, 0)
     ids = evaluation.dataset.item_ids
     histories = np.where(evaluation.histories >= 0, ids[np.maximum(evaluation.histories, 0)], -1)
     reference = evaluation.reference(args.k, progress=True)
 
     rows = []
-    for label, query in queries.items():
+    for label, (version, query) in queries.items():
         found, cost = [], []
         for s in range(0, len(histories), 32):
-            out = run(contract.retrieve_inputs(histories[s : s + 32], query))
+            out = runners[version](contract.retrieve_inputs(histories[s : s + 32], query))
             found.extend(np.searchsorted(ids, out["item_ids"]))
             cost.extend(out["scored"])
         cover = np.array([len(np.intersect1d(a, b)) / args.k for a, b in zip(found, reference, strict=True)])
         rows.append(
             {
                 "path": label,
+                "export_version": version,
                 "mode": query.mode,
                 "ef": list(query.ef),
                 "steps": list(query.steps),
@@ -118,20 +131,21 @@ def main(argv: list[str] | None = None) -> int:
         scored = {label: [] for label in queries}
         for q in range(args.warmup + args.queries):
             users = histories[rng.choice(len(histories), batch)]
-            for label, query in queries.items():
+            for label, (version, query) in queries.items():
                 inputs = contract.retrieve_inputs(users, query)
                 started = time.perf_counter()
-                out = run(inputs)
+                out = runners[version](inputs)
                 if q >= args.warmup:
                     times[label].append(time.perf_counter() - started)
                     scored[label].append(float(out["scored"].mean()))
-        for label, query in queries.items():
+        for label, (version, query) in queries.items():
             t = np.array(times[label])
             items = float(np.mean(scored[label]))
             gflops = items * batch * args.flop_per_item / float(np.median(t)) / 1e9
             rows.append(
                 {
                     "path": label,
+                    "export_version": version,
                     "mode": query.mode,
                     "ef": list(query.ef),
                     "steps": list(query.steps),

@@ -111,6 +111,17 @@ def _distinct(ids, num_items):
     return ragged.to_tensor(default_value=-1)
 
 
+def _valid_ids(ids):
+    """Each row's ids >= 0, in order, -1 padded to the longest row."""
+    rows = tf.shape(ids)[0]
+    valid = ids >= 0
+    where = tf.where(valid)
+    ragged = tf.RaggedTensor.from_value_rowids(
+        tf.boolean_mask(ids, valid), where[:, 0], nrows=tf.cast(rows, tf.int64)
+    )
+    return ragged.to_tensor(default_value=-1)
+
+
 class _Bitmap:
     """Visited marking with a dense [B, N] bool mask."""
 
@@ -225,6 +236,9 @@ def search_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef, steps, m
         return (t < steps) & tf.reduce_any(cand >= 0)
 
     def body(t, w_ids, w_s, cand, visited, scored):
+        # Only the beam's newest members are expanded: drop the -1 slots before the gather, so
+        # a round's neighbour lists are as wide as the most new members of a row, not ef.
+        cand = _valid_ids(cand)
         new = _distinct(marker.unvisited(visited, graph.neighbors_of(layer, cand)), graph.num_items)
         visited = marker.mark(visited, new)
         s_new = _score_ids(score_fn, item_e, new)
