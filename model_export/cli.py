@@ -288,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="beam_history scores every F-th start-layer node (default 2); 0 skips the upper "
         "layers and starts from the behaviours alone",
     )
+    ex.add_argument(
+        "--xla",
+        action="store_true",
+        help="compile the scorer with XLA (jit_compile): faster in process; stock TF Serving runs "
+        "such an export only with --xla_cpu_compilation_enabled, so export without it for TF Serving",
+    )
 
     fe = sub.add_parser(
         "features",
@@ -451,6 +457,7 @@ def _export(args) -> int:
             steps=args.steps,
             mode=args.mode,
             history_stride=args.history_stride,
+            xla=args.xla,
         ),
     )
     print(path)

@@ -70,6 +70,7 @@ class ExportConfig:
     steps: tuple[int, ...] = DEFAULT_STEPS
     mode: str = DEFAULT_MODE
     history_stride: int = DEFAULT_HISTORY_STRIDE  # beam_history: every F-th start node; 0 = none
+    xla: bool = False  # compile the scorer with XLA (TF Serving then needs --xla_cpu_compilation_enabled)
 
 
 def _params_for(start_layer: int, values: tuple[int, ...]) -> tuple[int, ...]:
@@ -120,6 +121,7 @@ class RetrievalModule(tf.Module):
                 f"--history-stride must be >= 0 (0: behaviours only), got {config.history_stride}"
             )
         self.default_mode = config.mode
+        self.xla = config.xla
         self.history_stride = config.history_stride
         start_nodes = np.asarray(graph.nodes[start], np.int32)
         # Never empty, so a stride the start layer cannot serve still leaves one node.
@@ -224,8 +226,12 @@ class RetrievalModule(tf.Module):
         hist_e = tf.gather(self.item_e, tf.maximum(dense, 0))
         state = self.model.user_state(hist_e, dense >= 0)
 
-        def score_fn(cand):
+        def score(cand):
             return self.model.score(state, cand)
+
+        # With xla the scorer is one XLA cluster per candidate width (a few dozen on the padded
+        # grid): its elementwise ops fuse and its small matmuls lose their per-op overhead.
+        score_fn = tf.function(score, jit_compile=True) if self.xla else score
 
         batch = tf.shape(history)[0]
         # Layer l's parameter is entry start_layer - l of the top-down vectors.

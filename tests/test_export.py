@@ -37,15 +37,20 @@ def saved(workdir):
     return tf.saved_model.load(str(workdir / "export" / "1"))
 
 
-def retrieve(saved, history, k, ef, steps, mode):
+def _inputs(history, k, ef, steps, mode):
     b = len(history)
-    return saved.signatures["retrieve"](
-        history=tf.constant(history, tf.int64),
-        k=tf.fill([b], k),
-        ef=tf.constant([ef] * b, tf.int32),
-        steps=tf.constant([steps] * b, tf.int32),
-        mode=tf.constant([mode] * b),
-    )
+    return {
+        "history": np.asarray(history, np.int64),
+        "k": np.full([b], k, np.int32),
+        "ef": np.array([ef] * b, np.int32),
+        "steps": np.array([steps] * b, np.int32),
+        "mode": np.array([mode] * b),
+    }
+
+
+def retrieve(saved, history, k, ef, steps, mode):
+    inputs = _inputs(history, k, ef, steps, mode)
+    return saved.signatures["retrieve"](**{name: tf.constant(v) for name, v in inputs.items()})
 
 
 def original_histories(evaluation, rows=slice(None)):
@@ -245,6 +250,32 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation, exact_sc
         # Float rounding differs between the Keras model and the SavedModel's graph: a near-tie at
         # the beam's edge may flip, nothing more.
         assert np.mean(overlap) >= 0.99, (ef, steps, np.mean(overlap))
+
+
+def test_xla_scorer_finds_what_the_stock_one_does(workdir, saved, evaluation):
+    """--xla compiles the scorer with XLA; the walk and its answer stay those of the stock export."""
+    from model_export.model import load_model_files
+    from nann_common.graph import load_graph
+
+    module = RetrievalModule(
+        load_model_files(workdir / "model"),
+        np.load(workdir / "embeddings" / "item_embeddings.npy"),
+        evaluation.dataset.item_ids,
+        load_graph(workdir / "index"),
+        ExportConfig(**{**EXPORT_PARAMS, "xla": True}),
+    )
+    history = original_histories(evaluation, slice(0, 16))
+    for mode in ("beam", "beam_history"):
+        stock = retrieve(saved, history, 10, [20, 40], [1, 3], mode)
+        xla = module.retrieve(
+            **{k: tf.constant(v) for k, v in _inputs(history, 10, [20, 40], [1, 3], mode).items()}
+        )
+        np.testing.assert_allclose(xla["scores"].numpy(), stock["scores"].numpy(), rtol=1e-4, atol=1e-4)
+        same = [
+            len(np.intersect1d(a, b)) / 10
+            for a, b in zip(xla["item_ids"].numpy(), stock["item_ids"].numpy(), strict=True)
+        ]
+        assert np.mean(same) >= 0.99, (mode, same)
 
 
 @pytest.mark.parametrize("stride", [0, 1, 3])
