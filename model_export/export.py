@@ -416,6 +416,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             ef=module.default_ef,
             steps=module.default_steps,
             mode=config.mode,
+            xla=config.xla,
         )
         artifacts.write_meta(tmp, meta)
         final = export_root / str(version)

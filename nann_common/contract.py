@@ -65,6 +65,7 @@ class ServingContract:
     modes: tuple[str, ...]
     digest: str
     default_mode: str = DEFAULT_MODE
+    xla_scorer: bool = False
 
     @property
     def depth(self) -> int:
@@ -93,6 +94,7 @@ class ServingContract:
                 modes=tuple(serving["modes"]),
                 digest=artifacts.digest(meta),
                 default_mode=str(serving["defaults"].get("mode", DEFAULT_MODE)),
+                xla_scorer=bool(serving.get("xla_scorer", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(
@@ -178,6 +180,7 @@ def serving_block(
     ef: tuple[int, ...],
     steps: tuple[int, ...],
     mode: str = DEFAULT_MODE,
+    xla: bool = False,
 ) -> dict:
     """The ``serving`` block of an export's meta.json (what :meth:`ServingContract.from_meta` reads)."""
     return {
@@ -192,6 +195,8 @@ def serving_block(
         "max_len": int(max_len),
         "pad_id": PAD_ID,
         "modes": list(MODES),
+        # An XLA scorer runs in process; TF Serving needs --xla_cpu_compilation_enabled for it.
+        "xla_scorer": bool(xla),
         "defaults": {
             "k": int(k),
             "ef": [int(x) for x in ef],

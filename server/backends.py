@@ -354,6 +354,12 @@ class TFServingBackend(Backend):
     def _load(self, path: Path) -> ModelSlot:
         contract = contract_lib.load_contract(path, verify=False)  # TF Serving reads the variables
         item_ids = contract.item_ids()
+        if contract.xla_scorer:
+            logger.warning(
+                "model version %d was exported with --xla: TF Serving runs it only with "
+                "--xla_cpu_compilation_enabled=true; export without --xla for a stock TF Serving",
+                contract.version,
+            )
         return ModelSlot(contract, item_ids, lambda h, q, t=None: self._predict(contract, h, q, t))
 
     def _predict(self, contract: ServingContract, histories, query, timeout, cap: bool = True):
