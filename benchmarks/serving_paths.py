@@ -11,9 +11,9 @@ Per path and batch it reports:
 - items scored per user;
 - the FLOP rate: items scored x ``--flop-per-item`` / request time, against a float32
   2048x2048 matmul measured in the same run (the machine's peak for the scorer's kind of work);
-- coverage@k on ``--coverage-users`` seeded test users, against their exhaustive top k
-  (cached in the workdir's eval/ as ``evaluate`` caches it), with its standard error, the
-  lowest user and the count below 0.9.
+- coverage@k on ``--coverage-users`` seeded test users, against their exhaustive top k, with
+  its standard error, the lowest user and the count below 0.9 (the exact scores are cached in the workdir's eval/scores/,
+  shared with ``seed_replay.py``).
 
     python benchmarks/serving_paths.py --workdir W \\
         --path beam=beam/100,200,400/1,1,3 --path history=beam_history/100,200,400/1,1,5
@@ -58,6 +58,7 @@ def export_version(label: str) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     from profile_walk import matmul_peak_gflops
     from serving_latency import session_runner
+    from walk_replay import cached_scores
 
     from model_export.evaluate import Evaluation
     from model_export.export import latest_export
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = Evaluation(args.workdir, "test", args.coverage_users, 0)
     ids = evaluation.dataset.item_ids
     histories = np.where(evaluation.histories >= 0, ids[np.maximum(evaluation.histories, 0)], -1)
-    reference = evaluation.reference(args.k, progress=True)
+    # The exact scores of these users, shared with seed_replay.py and walk_replay.py (one pass).
+    reference = np.argsort(-cached_scores(args.workdir, args.coverage_users), axis=1, kind="stable")[
+        :, : args.k
+    ]
 
     rows = []
     for label, (version, query) in queries.items():

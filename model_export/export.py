@@ -289,7 +289,9 @@ def _next_version(export_root: Path) -> int:
     return max(contract.versions(export_root), default=0) + 1
 
 
-WARMUP_BATCHES = ((1, 12), (4, 4), (16, 2), (32, 2))  # (users per request, requests)
+# (users per request, requests). Many single-user requests: the serving batch, and the walk widths an
+# XLA scorer compiles once each (a width first met while serving would stall that call).
+WARMUP_BATCHES = ((1, 48), (4, 4), (16, 2), (32, 2))
 
 
 def warmup_histories(workdir: Path, item_ids: np.ndarray, max_len: int, users: int, seed: int = 0):
