@@ -12,8 +12,8 @@ Per path and batch it reports:
 - the FLOP rate: items scored x ``--flop-per-item`` / request time, against a float32
   2048x2048 matmul measured in the same run (the machine's peak for the scorer's kind of work);
 - coverage@k on ``--coverage-users`` seeded test users, against their exhaustive top k, with
-  its standard error, the lowest user and the count below 0.9 (the exact scores are cached in the workdir's eval/scores/,
-  shared with ``seed_replay.py``).
+  its standard error, the lowest user and the count below 0.9 (the exact scores are cached in
+  the workdir's eval/scores/, shared with ``seed_replay.py``).
 
     python benchmarks/serving_paths.py --workdir W \\
         --path beam=beam/100,200,400/1,1,3 --path history=beam_history/100,200,400/1,1,5
