@@ -86,7 +86,13 @@ class RetrievalModule(tf.Module):
     """The exported object: variables plus the serving functions."""
 
     def __init__(
-        self, model: NannModel, item_e: np.ndarray, item_ids: np.ndarray, graph, config: ExportConfig
+        self,
+        model: NannModel,
+        item_e: np.ndarray,
+        item_ids: np.ndarray,
+        graph,
+        config: ExportConfig,
+        max_len: int = 50,
     ):
         super().__init__(name="nann_retrieval")
         if np.any(np.diff(item_ids) <= 0):
@@ -122,6 +128,7 @@ class RetrievalModule(tf.Module):
             )
         self.default_mode = config.mode
         self.xla = config.xla
+        self.max_len = int(max_len)
         self.history_stride = config.history_stride
         start_nodes = np.asarray(graph.nodes[start], np.int32)
         # Never empty, so a stride the start layer cannot serve still leaves one node.
@@ -223,6 +230,11 @@ class RetrievalModule(tf.Module):
         # message rather than deep inside the search.
         with tf.control_dependencies(self._check_params(k, ef, steps)):
             dense, k, ef, steps = (tf.identity(t) for t in (dense, k, ef, steps))
+        if self.xla:
+            # XLA compiles per shape, and the scorer's user state is [B, L, D]: histories of
+            # every length would each compile every candidate width. Pad them to max_len.
+            short = tf.maximum(self.max_len - tf.shape(dense)[1], 0)
+            dense = tf.pad(dense, [[0, 0], [0, short]], constant_values=-1)
         hist_e = tf.gather(self.item_e, tf.maximum(dense, 0))
         state = self.model.user_state(hist_e, dense >= 0)
 
@@ -371,7 +383,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     item_e = np.load(workdir / "embeddings" / "item_embeddings.npy")
     item_ids = np.load(workdir / "embeddings" / "item_ids.npy")
     max_len = int(model_meta["params"]["max_len"])
-    module = RetrievalModule(model, item_e, item_ids, graph, config)
+    module = RetrievalModule(model, item_e, item_ids, graph, config, max_len)
     warmup = warmup_histories(workdir, np.asarray(item_ids, np.int64), max_len, users=64)
 
     export_root = workdir / EXPORT_DIR
