@@ -131,7 +131,7 @@ class RetrievalModule(tf.Module):
         self.max_len = int(max_len)
         self.history_stride = config.history_stride
         start_nodes = np.asarray(graph.nodes[start], np.int32)
-        # Never empty, so a stride the start layer cannot serve still leaves one node.
+        # With stride 0 the start layer is not used; one node keeps the variable non-empty.
         thin = start_nodes[:: config.history_stride] if config.history_stride else start_nodes[:1]
         self.history_start_nodes = tf.Variable(thin, trainable=False, name="history_start_nodes")
         if not 1 <= config.k <= min(ef0, self.num_items):
