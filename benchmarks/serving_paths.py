@@ -55,6 +55,17 @@ def export_version(label: str) -> int | None:
     return int(version) if at and version.isdigit() else None
 
 
+def describe(label: str, version: int, query: contract.Query) -> dict:
+    """The columns every row of one path starts with."""
+    return {
+        "path": label,
+        "export_version": version,
+        "mode": query.mode,
+        "ef": list(query.ef),
+        "steps": list(query.steps),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from profile_walk import matmul_peak_gflops
     from serving_latency import session_runner
@@ -111,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         cover = np.array([len(np.intersect1d(a, b)) / args.k for a, b in zip(found, reference, strict=True)])
         rows.append(
             {
-                "path": label,
-                "export_version": version,
-                "mode": query.mode,
-                "ef": list(query.ef),
-                "steps": list(query.steps),
+                **describe(label, version, query),
                 "batch": "coverage",
                 "users": len(cover),
                 "coverage": round(float(cover.mean()), 4),
@@ -148,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             gflops = items * batch * args.flop_per_item / float(np.median(t)) / 1e9
             rows.append(
                 {
-                    "path": label,
-                    "export_version": version,
-                    "mode": query.mode,
-                    "ef": list(query.ef),
-                    "steps": list(query.steps),
+                    **describe(label, version, query),
                     "batch": batch,
                     "p50_ms": round(1000 * float(np.median(t)), 2),
                     "p90_ms": round(1000 * float(np.percentile(t, 90)), 2),

@@ -48,6 +48,20 @@ def _inputs(history, k, ef, steps, mode):
     }
 
 
+def _module(workdir, evaluation, config):
+    """The in-memory export module (before saving) of the test workdir with ``config``."""
+    from model_export.model import load_model_files
+    from nann_common.graph import load_graph
+
+    return RetrievalModule(
+        load_model_files(workdir / "model"),
+        np.load(workdir / "embeddings" / "item_embeddings.npy"),
+        evaluation.dataset.item_ids,
+        load_graph(workdir / "index"),
+        config,
+    )
+
+
 def retrieve(saved, history, k, ef, steps, mode):
     inputs = _inputs(history, k, ef, steps, mode)
     return saved.signatures["retrieve"](**{name: tf.constant(v) for name, v in inputs.items()})
@@ -133,16 +147,7 @@ def test_a_batch_equals_users_one_by_one(saved, evaluation):
 
 def test_reload_gives_identical_results(workdir, saved, evaluation):
     """The in-memory module before saving and the loaded SavedModel answer the same."""
-    from model_export.model import load_model_files
-    from nann_common.graph import load_graph
-
-    module = RetrievalModule(
-        load_model_files(workdir / "model"),
-        np.load(workdir / "embeddings" / "item_embeddings.npy"),
-        evaluation.dataset.item_ids,
-        load_graph(workdir / "index"),
-        EXPORT,
-    )
+    module = _module(workdir, evaluation, EXPORT)
     history = tf.constant(original_histories(evaluation, slice(0, 8)), tf.int64)
     before = module.serve_default(history)
     after = saved.signatures["serving_default"](history=history)
@@ -254,16 +259,7 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation, exact_sc
 
 def test_xla_scorer_finds_what_the_stock_one_does(workdir, saved, evaluation):
     """--xla compiles the scorer with XLA; the walk and its answer stay those of the stock export."""
-    from model_export.model import load_model_files
-    from nann_common.graph import load_graph
-
-    module = RetrievalModule(
-        load_model_files(workdir / "model"),
-        np.load(workdir / "embeddings" / "item_embeddings.npy"),
-        evaluation.dataset.item_ids,
-        load_graph(workdir / "index"),
-        ExportConfig(**{**EXPORT_PARAMS, "xla": True}),
-    )
+    module = _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": True}))
     # Histories shorter than max_len (the XLA export pads them to one shape): left-aligned rows.
     rows = [row[row >= 0][-30:] for row in original_histories(evaluation, slice(0, 16))]
     history = np.full((len(rows), max(map(len, rows))), -1, np.int64)
@@ -287,28 +283,16 @@ def test_xla_scorer_finds_what_the_stock_one_does(workdir, saved, evaluation):
 def test_beam_history_walks_as_the_replay(workdir, evaluation, exact_scores, stride):
     """beam_history (a thinned start layer + the behaviours as layer-0 entry points) scores and
     finds what model_export.walk_replay's replay of the same walk does, for every stride."""
-    from model_export.model import load_model_files
     from model_export.walk_replay import replay_user
     from nann_common.graph import load_graph
 
     graph = load_graph(workdir / "index")
-    module = RetrievalModule(
-        load_model_files(workdir / "model"),
-        np.load(workdir / "embeddings" / "item_embeddings.npy"),
-        evaluation.dataset.item_ids,
-        graph,
-        ExportConfig(**{**EXPORT_PARAMS, "history_stride": stride}),
-    )
+    module = _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "history_stride": stride}))
     ef, steps, k, layer = (20, 40), (1, 3), 10, EXPORT.start_layer
     rows = slice(0, 24)
     b = len(evaluation.histories[rows])
-    out = module.retrieve(
-        history=tf.constant(original_histories(evaluation, rows), tf.int64),
-        k=tf.fill([b], k),
-        ef=tf.constant([ef] * b, tf.int32),
-        steps=tf.constant([steps] * b, tf.int32),
-        mode=tf.constant(["beam_history"] * b),
-    )
+    inputs = _inputs(original_histories(evaluation, rows), k, ef, steps, "beam_history")
+    out = module.retrieve(**{name: tf.constant(v) for name, v in inputs.items()})
     ids = np.searchsorted(evaluation.dataset.item_ids, out["item_ids"].numpy())
     overlap = []
     for u in range(b):
