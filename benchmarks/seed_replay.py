@@ -9,7 +9,9 @@ seed the walk, and reports coverage@k (mean and lowest user) against the items s
 - ``cover/F``: a fixed 1/F of the start layer (every F-th node), then the same walk;
 - ``behaviours``: the user's own recent behaviours scored and used as layer-0 entry points;
 - ``cover/F+behaviours``: both: 1/F of the start layer walked down, the behaviours added to the
-  layer-0 entry points.
+  layer-0 entry points;
+- ``cover/F>0+behaviours``: as the last, but the start layer's best go straight to layer 0 (T 0
+  on the layers between: the export's ``beam_history`` with ``steps`` 1,0,T0).
 
 Layer-0 rounds are ``--steps``' last value unless ``--t0`` lists others to try.
 
@@ -35,13 +37,11 @@ def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start
     if variant == "behaviours":
         return replay_user(graph, scores, ef[-1:], steps[-1:], 0, k, seeds=history)
     start_nodes = graph.nodes[start_layer][::fraction]
-    if variant == "cover>0+behaviours":  # the start layer's best join layer 0 directly
-        best = start_nodes[np.argsort(-scores[start_nodes], kind="stable")[: ef[0]]]
-        behaviours = np.unique(history[history >= 0])
-        seeds = np.union1d(best, behaviours)
-        top, n = replay_user(graph, scores, ef[-1:], steps[-1:], 0, k, seeds=seeds)
-        # Every start node and every behaviour outside them is scored once; then the walk.
-        return top, n - len(seeds) + len(start_nodes) + len(np.setdiff1d(behaviours, start_nodes))
+    if variant == "cover>0+behaviours":
+        # The start layer's best ef go straight to layer 0 with the behaviours: T 0 on the layers
+        # between, as the export runs it (mode beam_history, steps 1,0,...,T0).
+        skip = [steps[0]] + [0] * (len(steps) - 2) + [steps[-1]]
+        return replay_user(graph, scores, ef, skip, start_layer, k, start_nodes=start_nodes, seeds=history)
     seeds = history if variant == "cover+behaviours" else None
     return replay_user(graph, scores, ef, steps, start_layer, k, start_nodes=start_nodes, seeds=seeds)
 

@@ -48,9 +48,14 @@ def function_runner(path: Path):
     return run
 
 
-def session_runner(path: Path):
+def session_runner(path: Path, bf16: bool = False):
+    """Session.run on the signature's tensors; ``bf16`` turns on grappler's oneDNN bfloat16
+    rewrite (matmuls and their neighbours in bfloat16 where the CPU has the instructions)."""
     graph = tf.Graph()
-    session = tf.compat.v1.Session(graph=graph)
+    config = tf.compat.v1.ConfigProto()
+    if bf16:
+        config.graph_options.rewrite_options.auto_mixed_precision_onednn_bfloat16 = 1  # ON
+    session = tf.compat.v1.Session(graph=graph, config=config)
     with graph.as_default():
         meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(path))
     signature = meta_graph.signature_def["retrieve"]

@@ -3,7 +3,9 @@ coverage and FLOP rate.
 
 Each ``--path LABEL=MODE/EF/T`` is a setting of the newest export's ``retrieve`` signature (of
 version V with ``LABEL@V=...``, to set two exports side by side), run with
-``Session.run`` as TF Serving runs it. For every batch size the paths take turns on the same
+``Session.run`` as TF Serving runs it. A label ending in ``+bf16`` runs its path in a session
+with grappler's oneDNN bfloat16 rewrite on (the model's matmuls in bfloat16 where the CPU has
+the instructions; the SavedModel is unchanged). For every batch size the paths take turns on the same
 requests (path A, path B, A, B, ... over the same users), so a busy machine slows them alike.
 Per path and batch it reports:
 
@@ -49,9 +51,12 @@ def parse_path(text: str) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
     return label, mode, tuple(int(x) for x in ef.split(",")), tuple(int(x) for x in steps.split(","))
 
 
+BF16 = "+bf16"
+
+
 def export_version(label: str) -> int | None:
     """The export version a path label names with @VERSION, else None (the newest)."""
-    _, at, version = label.rpartition("@")
+    _, at, version = label.removesuffix(BF16).rpartition("@")
     return int(version) if at and version.isdigit() else None
 
 
@@ -60,6 +65,7 @@ def describe(label: str, version: int, query: contract.Query) -> dict:
     return {
         "path": label,
         "export_version": version,
+        "bf16": label.endswith(BF16),
         "mode": query.mode,
         "ef": list(query.ef),
         "steps": list(query.steps),
@@ -98,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         version = export_version(label) or int(path.name)
         if version not in contracts:
             contracts[version] = contract.load_contract(base / str(version), verify=False)
-            runners[version] = session_runner(base / str(version))
+        runner = (version, label.endswith(BF16))
+        if runner not in runners:
+            runners[runner] = session_runner(base / str(version), bf16=runner[1])
         try:
-            queries[label] = (version, contracts[version].resolve(args.k, ef, steps, mode))
+            queries[label] = (runner, contracts[version].resolve(args.k, ef, steps, mode))
         except contract.InvalidRequest as e:
             p.error(f"--path {label}: {e}")
     serving = contracts[max(contracts)]
@@ -113,16 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     rows = []
-    for label, (version, query) in queries.items():
+    for label, (runner, query) in queries.items():
         found, cost = [], []
         for s in range(0, len(histories), 32):
-            out = runners[version](contract.retrieve_inputs(histories[s : s + 32], query))
+            out = runners[runner](contract.retrieve_inputs(histories[s : s + 32], query))
             found.extend(np.searchsorted(ids, out["item_ids"]))
             cost.extend(out["scored"])
         cover = np.array([len(np.intersect1d(a, b)) / args.k for a, b in zip(found, reference, strict=True)])
         rows.append(
             {
-                **describe(label, version, query),
+                **describe(label, runner[0], query),
                 "batch": "coverage",
                 "users": len(cover),
                 "coverage": round(float(cover.mean()), 4),
@@ -142,20 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         scored = {label: [] for label in queries}
         for q in range(args.warmup + args.queries):
             users = histories[rng.choice(len(histories), batch)]
-            for label, (version, query) in queries.items():
+            for label, (runner, query) in queries.items():
                 inputs = contract.retrieve_inputs(users, query)
                 started = time.perf_counter()
-                out = runners[version](inputs)
+                out = runners[runner](inputs)
                 if q >= args.warmup:
                     times[label].append(time.perf_counter() - started)
                     scored[label].append(float(out["scored"].mean()))
-        for label, (version, query) in queries.items():
+        for label, (runner, query) in queries.items():
             t = np.array(times[label])
             items = float(np.mean(scored[label]))
             gflops = items * batch * args.flop_per_item / float(np.median(t)) / 1e9
             rows.append(
                 {
-                    **describe(label, version, query),
+                    **describe(label, runner[0], query),
                     "batch": batch,
                     "p50_ms": round(1000 * float(np.median(t)), 2),
                     "p90_ms": round(1000 * float(np.percentile(t, 90)), 2),

@@ -41,6 +41,19 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _steps_list(text: str) -> tuple[int, ...]:
+    """Rounds T per layer, top-down: 0 passes a layer's entry points straight down; layer 0 needs >= 1."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,1,3, got {text!r}") from e
+    if not values or min(values) < 0 or values[-1] < 1:
+        raise argparse.ArgumentTypeError(
+            f"every T must be >= 0 (0: the layer is not walked) and layer 0's (the last) >= 1, got {text!r}"
+        )
+    return values
+
+
 def _int_lists(text: str) -> tuple[tuple[int, ...], ...]:
     """Comma-separated settings, each a slash-separated list: 100/200,400/400."""
     try:
@@ -189,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--steps",
-        type=_int_list,
+        type=_steps_list,
         default=None,
-        help="rounds T per layer, top-down, e.g. 1,1,3 (default: the export's)",
+        help="rounds T per layer, top-down, e.g. 1,1,3 (default: the export's); "
+        "T 0 passes a layer's entry points straight to the layer below",
     )
     ev.add_argument(
         "--users",
@@ -268,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--steps",
-        type=_int_list,
+        type=_steps_list,
         default=(1, 1, 3),
         help="default most rounds T per layer, top-down (default 1,1,3, the paper's); "
-        "each layer's loop stops early once no new item enters the beam",
+        "each layer's loop stops early once no new item enters the beam; T 0 skips a layer's "
+        "walk (its entry points go straight down), layer 0's T must be >= 1",
     )
     ex.add_argument(
         "--mode",

@@ -193,7 +193,10 @@ class RetrievalModule(tf.Module):
             tf.debugging.Assert(
                 ef[-1] >= k, ["ef of layer 0 (the last ef) must be >= k; got ef", ef, "k", k]
             ),
-            tf.debugging.Assert(tf.reduce_all(steps >= 1), ["every step count T must be >= 1, got", steps]),
+            tf.debugging.Assert(
+                tf.reduce_all(steps >= 0) & (steps[-1] >= 1),
+                ["every step count T must be >= 0 and layer 0's (the last) >= 1, got", steps],
+            ),
         ]
 
     # -- serving -------------------------------------------------------------------

@@ -131,8 +131,13 @@ class ServingContract:
                     f"{self.start_layer} to layer 0 (default {','.join(map(str, default))}), "
                     f"got {len(values)}"
                 )
-            if min(values) < 1:
-                raise InvalidRequest(f"every {name} value must be >= 1, got {','.join(map(str, values))}")
+        if min(ef) < 1:
+            raise InvalidRequest(f"every ef value must be >= 1, got {','.join(map(str, ef))}")
+        if min(steps) < 0 or steps[-1] < 1:
+            raise InvalidRequest(
+                "every steps value must be >= 0 (0: the layer is not walked, its entry points go "
+                f"straight down) and layer 0's (the last) >= 1, got {','.join(map(str, steps))}"
+            )
         k = int(k) if k else self.default_k
         upper = min(ef[-1], self.num_items)
         if not 1 <= k <= upper:
@@ -206,7 +211,7 @@ def serving_block(
         "bounds": {
             "k": "1..min(ef of layer 0, num_items)",
             "ef": f"{start_layer + 1} values, each >= 1, top-down from the start layer",
-            "steps": f"{start_layer + 1} values, each >= 1, top-down from the start layer",
+            "steps": f"{start_layer + 1} values, each >= 0 (0: not walked), layer 0's >= 1, top-down",
             "history": "int64 original item ids of the corpus, oldest first, -1 padded; >= 1 per row",
         },
         "files": {"item_ids": ITEM_IDS_FILE, "warmup": WARMUP_FILE},

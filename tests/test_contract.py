@@ -37,7 +37,8 @@ def test_export_meta_carries_everything_a_caller_needs(served_workdir):
     [
         ({"k": 41}, "k must be in 1..min(ef of layer 0, items) = 1..40, got 41"),
         ({"ef": (20,)}, "ef needs 2 values"),
-        ({"steps": (0, 1)}, "every steps value must be >= 1"),
+        ({"steps": (1, 0)}, "and layer 0's (the last) >= 1, got 1,0"),
+        ({"steps": (-1, 1)}, "every steps value must be >= 0"),
         ({"mode": "greedy"}, "mode must be one of"),
     ],
 )

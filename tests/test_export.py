@@ -161,7 +161,8 @@ def test_reload_gives_identical_results(workdir, saved, evaluation):
         ({"k": 0}, "k must be in 1.."),
         ({"k": 10**6}, "k must be in 1.."),
         ({"ef": [20, 5]}, "ef of layer 0 (the last ef) must be >= k"),
-        ({"steps": [1, 0]}, "every step count T must be >= 1"),
+        ({"steps": [1, 0]}, "layer 0's (the last) >= 1"),
+        ({"steps": [-1, 2]}, "every step count T must be >= 0"),
         ({"mode": "greedy"}, "mode must be one of"),
         ({"unknown_id": True}, "not in the corpus"),
         ({"empty_row": True}, "every user needs at least one behaviour"),
@@ -307,6 +308,36 @@ def test_beam_history_walks_as_the_replay(workdir, evaluation, exact_scores, str
     assert np.mean(overlap) >= 0.99, (stride, np.mean(overlap))
     if stride == 0:  # the behaviours alone: fewer items than a start layer plus its walk
         assert out["scored"].numpy().max() < graph.num_items
+
+
+@pytest.mark.parametrize("mode", ["beam", "beam_history"])
+def test_a_layer_with_no_rounds_hands_its_entry_points_down(workdir, evaluation, exact_scores, mode):
+    """T 0 on a middle layer: the start layer's best ef go straight to the layer below, as the
+    replay walks it (for beam_history: with the behaviours, the replayed "cover>0+behaviours")."""
+    from model_export.walk_replay import replay_user
+    from nann_common.graph import load_graph
+
+    graph = load_graph(workdir / "index")
+    assert len(graph.nodes) >= 3, "the test graph needs a layer between the start layer and layer 0"
+    ef, k, layer = (10, 20, 40), 10, 2
+    config = ExportConfig(start_layer=layer, k=k, ef=ef, steps=(1, 1, 2), history_stride=1)
+    module = _module(workdir, evaluation, config)
+    rows = slice(0, 24)
+    inputs = _inputs(original_histories(evaluation, rows), k, ef, (1, 0, 3), mode)
+    out = module.retrieve(**{name: tf.constant(v) for name, v in inputs.items()})
+    walked = module.retrieve(
+        **{name: tf.constant(v) for name, v in _inputs(inputs["history"], k, ef, (1, 1, 3), mode).items()}
+    )
+    ids = np.searchsorted(evaluation.dataset.item_ids, out["item_ids"].numpy())
+    overlap = []
+    for u in range(len(ids)):
+        seeds = evaluation.histories[u] if mode == "beam_history" else None
+        top, n = replay_user(graph, exact_scores[u], list(ef), [1, 0, 3], layer, k, seeds=seeds)
+        assert n == out["scored"].numpy()[u], (u, mode)
+        overlap.append(len(np.intersect1d(top, ids[u])) / k)
+    assert np.mean(overlap) >= 0.99, (mode, np.mean(overlap))
+    # Layer 1 is not walked: fewer items than the same query with one round there.
+    assert out["scored"].numpy().sum() < walked["scored"].numpy().sum()
 
 
 @pytest.mark.parametrize(

@@ -156,7 +156,7 @@ BAD_REQUESTS = [
     ({"history": [1], "params": {"ef": [20, 40, 80]}}, "INVALID_ARGUMENT", "ef needs 2 values"),
     ({"history": [1], "params": {"ef": [0, 40]}}, "INVALID_ARGUMENT", "every ef value must be >= 1"),
     ({"history": [1], "params": {"ef": [20, 10**6]}}, "INVALID_ARGUMENT", "--max-ef"),
-    ({"history": [1], "params": {"steps": [1, 0]}}, "INVALID_ARGUMENT", "every steps value must be >= 1"),
+    ({"history": [1], "params": {"steps": [1, 0]}}, "INVALID_ARGUMENT", "layer 0's (the last) >= 1"),
     ({"history": [1], "params": {"steps": [1, 999]}}, "INVALID_ARGUMENT", "--max-steps"),
     ({"history": [1], "params": {"mode": "greedy"}}, "INVALID_ARGUMENT", "mode must be one of"),
     ({"history": [1], "params": {"mode": "exhaustive"}}, "INVALID_ARGUMENT", "--allow-exhaustive"),
