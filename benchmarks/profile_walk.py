@@ -55,6 +55,8 @@ def kind(name: str, op: str) -> str:
         "score_" in name
         or "attention" in name
         or op in ("MatMul", "_FusedMatMul", "BatchMatMulV2", "Softmax", "Einsum")
+        # An --xla export's scorer is a function call (its XLA cluster); nothing else is one.
+        or op in ("StatefulPartitionedCall", "PartitionedCall")
     ):
         return "scoring"
     if (

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if start_layer + 1 != len(ef):
         print(f"start layer {start_layer} needs {start_layer + 1} ef and steps values", file=sys.stderr)
         return 2
-    variants = [("cover", 1)] + [("cover", f) for f in args.fractions]
+    variants = [("cover", 1)] + [("cover", f) for f in args.fractions if f != 1]
     variants += [("behaviours", 1)] + [("cover+behaviours", f) for f in args.fractions]
     variants += [("cover>0+behaviours", f) for f in args.fractions]
     rows = []

@@ -155,12 +155,12 @@ class RetrievalModule(tf.Module):
         )
 
     # -- boundary checks ---------------------------------------------------------
-    def _dense_history(self, history):
+    def _dense_history(self, history, item_ids):
         """Original ids [B, L] (-1 padded) -> dense ids; unknown ids and empty rows are errors."""
         pad = history < 0
-        pos = tf.searchsorted(self.item_ids, tf.reshape(tf.maximum(history, 0), [-1]), out_type=tf.int32)
+        pos = tf.searchsorted(item_ids, tf.reshape(tf.maximum(history, 0), [-1]), out_type=tf.int32)
         pos = tf.reshape(tf.minimum(pos, self.num_items - 1), tf.shape(history))
-        found = tf.gather(self.item_ids, pos) == history
+        found = tf.gather(item_ids, pos) == history
         checks = [
             tf.debugging.assert_greater(
                 tf.shape(history)[0], 0, message="history must hold at least one user"
@@ -195,7 +195,7 @@ class RetrievalModule(tf.Module):
             ),
             tf.debugging.Assert(
                 tf.reduce_all(steps >= 0) & (steps[-1] >= 1),
-                ["every step count T must be >= 0 and layer 0's (the last) >= 1, got", steps],
+                ["every step count T must be >= 0, and T of layer 0 (the last) >= 1, got", steps],
             ),
         ]
 
@@ -228,7 +228,11 @@ class RetrievalModule(tf.Module):
             return self._run(history, k[0], ef[0], steps[0], mode[0])
 
     def _run(self, history, k, ef, steps, mode):
-        dense = self._dense_history(history)
+        # item_ids is read whole (searchsorted needs it) and gathered from that one read: a gather
+        # on the variable itself (ResourceGather) puts it in copy-on-read mode, after which every
+        # whole read copies it (31 MB per request at 3.9M items).
+        item_ids = tf.convert_to_tensor(self.item_ids)
+        dense = self._dense_history(history, item_ids)
         # Every use of the parameters waits for their checks, so a bad value fails with its
         # message rather than deep inside the search.
         with tf.control_dependencies(self._check_params(k, ef, steps)):
@@ -294,7 +298,7 @@ class RetrievalModule(tf.Module):
         ):
             ids, scores, scored = tf.case(branches, exclusive=True)
         return {
-            "item_ids": tf.gather(self.item_ids, tf.maximum(ids, 0)),
+            "item_ids": tf.gather(item_ids, tf.maximum(ids, 0)),
             "scores": scores,
             "scored": scored,
         }

@@ -161,7 +161,7 @@ def test_reload_gives_identical_results(workdir, saved, evaluation):
         ({"k": 0}, "k must be in 1.."),
         ({"k": 10**6}, "k must be in 1.."),
         ({"ef": [20, 5]}, "ef of layer 0 (the last ef) must be >= k"),
-        ({"steps": [1, 0]}, "layer 0's (the last) >= 1"),
+        ({"steps": [1, 0]}, "T of layer 0 (the last) >= 1"),
         ({"steps": [-1, 2]}, "every step count T must be >= 0"),
         ({"mode": "greedy"}, "mode must be one of"),
         ({"unknown_id": True}, "not in the corpus"),
