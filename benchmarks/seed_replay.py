@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     base_steps = [int(x) for x in args.steps.split(",")]
     scores = cached_scores(args.workdir, args.users)
     histories = Evaluation(args.workdir, "test", args.users, 0).histories
-    reference = np.argsort(-scores, axis=1, kind="stable")[:, : args.k]
+    reference = np.stack([np.argsort(-row, kind="stable")[: args.k] for row in scores])  # row by row: bounded
     graph = load_graph(args.workdir / "index", verify=False)
     start_layer = default_start_layer([len(x) for x in graph.nodes], ef[::-1], graph.num_items)
     if start_layer + 1 != len(ef):
