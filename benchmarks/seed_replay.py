@@ -11,7 +11,8 @@ seed the walk, and reports coverage@k (mean and lowest user) against the items s
 - ``cover/F+behaviours``: both: 1/F of the start layer walked down, the behaviours added to the
   layer-0 entry points;
 - ``cover/F>0+behaviours``: as the last, but the start layer's best go straight to layer 0 (T 0
-  on the layers between: the export's ``beam_history`` with ``steps`` 1,0,T0).
+  on the layers between: the export's ``beam_history`` with ``steps`` 1,0,T0);
+- ``cover/F>0``: the same without the behaviours (``beam`` with ``steps`` 1,0,T0).
 
 Layer-0 rounds are ``--steps``' last value unless ``--t0`` lists others to try.
 
@@ -37,6 +38,9 @@ def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start
     if variant == "behaviours":
         return replay_user(graph, scores, ef[-1:], steps[-1:], 0, k, seeds=history)
     start_nodes = graph.nodes[start_layer][::fraction]
+    if variant == "cover>0":  # beam with T 0 between: the start layer's best straight to layer 0
+        skip = [steps[0]] + [0] * (len(steps) - 2) + [steps[-1]]
+        return replay_user(graph, scores, ef, skip, start_layer, k, start_nodes=start_nodes)
     if variant == "cover>0+behaviours":
         # The start layer's best ef go straight to layer 0 with the behaviours: T 0 on the layers
         # between, as the export runs it (mode beam_history, steps 1,0,...,T0).
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("cover", 1)] + [("cover", f) for f in args.fractions if f != 1]
     variants += [("behaviours", 1)] + [("cover+behaviours", f) for f in args.fractions]
     variants += [("cover>0+behaviours", f) for f in args.fractions]
+    variants += [("cover>0", f) for f in args.fractions]
     rows = []
     for t0 in sorted({base_steps[-1], *args.t0}):
         steps = base_steps[:-1] + [t0]

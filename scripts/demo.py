@@ -101,7 +101,7 @@ def build(root: Path, items: int, users: int, env: dict) -> Path:
             "--workdir",
             str(work),
             "--mode",
-            "beam",
+            "beam_history",  # the export's default query
             "--users",
             "200",
             "--json",

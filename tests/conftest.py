@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # start layer 1, as the tiny graph has few upper-layer nodes; k 10 leaves room in ef_0 = 40.
-EXPORT_PARAMS = {"start_layer": 1, "k": 10, "ef": (20, 40), "steps": (1, 2)}
+# Mode beam: the serving tests compare the server's default answers with beam's.
+EXPORT_PARAMS = {"start_layer": 1, "k": 10, "ef": (20, 40), "steps": (1, 2), "mode": "beam"}
 
 
 def _require(path: Path) -> Path:
