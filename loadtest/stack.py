@@ -231,11 +231,12 @@ def run_stack(args: argparse.Namespace) -> dict:
     checks = {
         "no_failed_call": locust["failures"] == 0,
         "qps_agree": ratio is not None and abs(ratio - 1) <= args.tolerance,
-        # The server also counts calls that locust's stopping users did not record (a fraction of
-        # a second of load), so the counts agree within 2%, not exactly.
+        # The server also counts calls that locust's stopping users did not record (up to about a
+        # second of load: 0.75 s, 2.6% of a 30 s run, was seen at 440 QPS), so the server may count
+        # up to one second of calls more, never fewer.
         "prometheus_counted_the_calls": locust["calls"]
         <= by_code.get("OK", 0)
-        <= 1.02 * locust["calls"] + args.users,
+        <= locust["calls"] + locust["qps"] + args.users,
         "recording_rule_evaluated": recorded is not None and recorded > 0,
         "no_alert_firing": not firing,
         "server_exit_0": server_exit == 0,
