@@ -38,15 +38,11 @@ def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start
     if variant == "behaviours":
         return replay_user(graph, scores, ef[-1:], steps[-1:], 0, k, seeds=history)
     start_nodes = graph.nodes[start_layer][::fraction]
-    if variant == "cover>0":  # beam with T 0 between: the start layer's best straight to layer 0
-        skip = [steps[0]] + [0] * (len(steps) - 2) + [steps[-1]]
-        return replay_user(graph, scores, ef, skip, start_layer, k, start_nodes=start_nodes)
-    if variant == "cover>0+behaviours":
-        # The start layer's best ef go straight to layer 0 with the behaviours: T 0 on the layers
-        # between, as the export runs it (mode beam_history, steps 1,0,...,T0).
-        skip = [steps[0]] + [0] * (len(steps) - 2) + [steps[-1]]
-        return replay_user(graph, scores, ef, skip, start_layer, k, start_nodes=start_nodes, seeds=history)
-    seeds = history if variant == "cover+behaviours" else None
+    seeds = history if variant.endswith("+behaviours") else None
+    if variant.startswith("cover>0"):
+        # The start layer's best ef go straight to layer 0: T 0 on the layers between, as the
+        # export runs it (steps 1,0,...,T0; with the behaviours, mode beam_history).
+        steps = [steps[0]] + [0] * (len(steps) - 2) + [steps[-1]]
     return replay_user(graph, scores, ef, steps, start_layer, k, start_nodes=start_nodes, seeds=seeds)
 
 

@@ -29,13 +29,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _ints(text: str, example: str = "100,200,400") -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(","))
+        return tuple(int(v) for v in text.split(","))
     except ValueError as e:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 100,200,400, got {text!r}"
+            f"expected comma-separated integers like {example}, got {text!r}"
         ) from e
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    values = _ints(text)
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
     return values
@@ -43,10 +47,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _steps_list(text: str) -> tuple[int, ...]:
     """Rounds T per layer, top-down: 0 passes a layer's entry points straight down; layer 0 needs >= 1."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,1,3, got {text!r}") from e
+    values = _ints(text, "1,0,5")
     if not values or min(values) < 0 or values[-1] < 1:
         raise argparse.ArgumentTypeError(
             f"every T must be >= 0 (0: the layer is not walked) and layer 0's (the last) >= 1, got {text!r}"
