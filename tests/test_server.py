@@ -228,12 +228,27 @@ def _sum(samples, name, **labels):
     )
 
 
+def _settled_samples(server, timeout_s=10.0):
+    """Metrics once every started call has been handled.
+
+    A call an earlier test gave up on (a passed deadline, a closed channel) may still end on the server
+    after the client has moved on; counting from such a moment would charge its end to this test.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = _samples(server.metrics_text())
+        started = _sum(samples, "grpc_server_started_total")
+        if started == _sum(samples, "grpc_server_handled_total") or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
 def test_metrics_parse_and_move(server, stub, snapshot):
-    before = _samples(server.metrics_text())
+    before = _settled_samples(server)
     call(stub, user_id=str(snapshot["users"][1]))
     with pytest.raises(grpc.RpcError):
         call(stub, user_id="no-such-user")
-    after = _samples(server.metrics_text())
+    after = _settled_samples(server)
     assert (
         _sum(after, "grpc_server_handled_total", grpc_code="OK")
         == _sum(before, "grpc_server_handled_total", grpc_code="OK") + 1
