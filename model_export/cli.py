@@ -125,7 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="din: target attention (default); dnn: sum-pooling; two_sided: inner product",
     )
     tr.add_argument("--epochs", type=_positive_int, default=2, help="epochs to train in total (default 2)")
-    tr.add_argument("--fgsm-eps", type=float, default=3e-4, help="FGSM epsilon (default 3e-4; 0 disables)")
+    tr.add_argument(
+        "--fgsm-eps",
+        type=float,
+        default=3e-4,
+        help="FGSM epsilon (default 3e-4, the paper's for UserBehavior; 0 disables)",
+    )
+    tr.add_argument(
+        "--fgsm-weight",
+        type=float,
+        default=1.0,
+        help="weight of the FGSM loss L_AUX beside L_NCE (default 1, as the paper)",
+    )
+    tr.add_argument(
+        "--fgsm-direction",
+        choices=("score", "loss"),
+        default="score",
+        help="sign of the perturbation: score = of grad s_u(e_v), as the paper's eq. 6 (default); loss = "
+        "of grad L_NCE, FGSM as Goodfellow et al. (pushes the positive down and the noise labels up)",
+    )
     tr.add_argument(
         "--negatives",
         type=_positive_int,
@@ -404,6 +422,8 @@ def _train(args) -> int:
             batch_size=args.batch_size,
             negatives=args.negatives,
             fgsm_eps=args.fgsm_eps,
+            fgsm_weight=args.fgsm_weight,
+            fgsm_direction=args.fgsm_direction,
             learning_rate=args.lr,
             max_len=args.max_len,
             seed=args.seed,

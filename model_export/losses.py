@@ -7,7 +7,8 @@ s_u(e_v) - log Q(v) (log-Q correction, so popular noise items are not
 over-penalised); a noise draw equal to the example's positive is masked out.
 L_AUX is the KL divergence between the softmax over those 1+K labels with
 clean e_v and with e_v + delta, where delta = eps * sign(grad_{e_v} s_u(e_v))
-is held fixed.
+is held fixed. Training may weight L_AUX (the paper: weight 1) and take delta's sign
+from the NCE loss's gradient instead of the score's (FGSM as Goodfellow et al.).
 """
 
 from __future__ import annotations
@@ -40,23 +41,28 @@ def sampled_softmax_loss(logits):
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
 
-def scores_and_fgsm_delta(score_fn, cand_e, eps: float):
+def scores_and_fgsm_delta(score_fn, cand_e, eps: float, objective=None):
     """Clean scores and the FGSM perturbation of eq. 6 from one forward pass.
 
     delta = eps * sign(d s_u(e_v) / d e_v), held fixed (no gradient flows through it).
+    With ``objective`` (scores -> scalar, e.g. the batch's NCE loss), the sign is that of the
+    objective's gradient instead: Goodfellow et al.'s FGSM on the loss, which raises the noise
+    labels' scores and lowers the positive's, where eq. 6 raises every label's score.
 
     Args:
       score_fn: maps candidates [B, N, D] to scores [B, N], each score depending
         only on its own candidate row (true of :meth:`NannModel.score`).
       cand_e: [B, N, D] candidate e_v.
       eps: max-norm of the perturbation.
+      objective: None for eq. 6, else the scalar whose gradient sign makes delta.
     Returns:
       (scores [B, N], delta [B, N, D] with entries in {-eps, 0, +eps}).
     """
     with tf.GradientTape() as tape:
         tape.watch(cand_e)
         scores = score_fn(cand_e)
-    grad = tape.gradient(scores, cand_e)
+        target = scores if objective is None else objective(scores)
+    grad = tape.gradient(target, cand_e)
     return scores, tf.stop_gradient(eps * tf.sign(grad))
 
 

@@ -83,6 +83,8 @@ class TrainConfig:
     batch_size: int = 128
     negatives: int = 199
     fgsm_eps: float = 3e-4
+    fgsm_weight: float = 1.0  # L_all = L_NCE + fgsm_weight * L_AUX (the paper: 1)
+    fgsm_direction: str = "score"  # delta's sign from grad s_u(e_v) (eq. 6) or from grad L_NCE ("loss")
     learning_rate: float = 3e-3
     max_len: int = 50
     seed: int = 0
@@ -96,6 +98,11 @@ class TrainConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.negatives >= 1, f"--negatives must be >= 1, got {self.negatives}"),
             (self.fgsm_eps >= 0, f"--fgsm-eps must be >= 0 (0 disables FGSM), got {self.fgsm_eps}"),
+            (self.fgsm_weight > 0, f"--fgsm-weight must be > 0, got {self.fgsm_weight}"),
+            (
+                self.fgsm_direction in ("score", "loss"),
+                f"--fgsm-direction must be score or loss, got {self.fgsm_direction!r}",
+            ),
             (self.learning_rate > 0, f"--lr must be > 0, got {self.learning_rate}"),
             (self.max_len >= 1, f"--max-len must be >= 1, got {self.max_len}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
@@ -114,7 +121,14 @@ class TrainConfig:
 
     def run_identity(self) -> dict:
         """Parameters that must match for a checkpoint to be resumed."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "checkpoint_every")}
+        identity = {
+            k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "checkpoint_every")
+        }
+        # The FGSM options arrived later: at their defaults they stay out, so earlier runs resume.
+        for key, default in (("fgsm_weight", 1.0), ("fgsm_direction", "score")):
+            if identity[key] == default:
+                del identity[key]
+        return identity
 
 
 def noise_distribution(dataset: Dataset) -> np.ndarray:
@@ -182,7 +196,16 @@ class BatchMaker:
         return ds.map(make, num_parallel_calls=2, deterministic=True).prefetch(4)
 
 
-def make_train_step(model: NannModel, optimizer, log_q_table, fgsm_eps: float, max_len: int, negatives: int):
+def make_train_step(
+    model: NannModel,
+    optimizer,
+    log_q_table,
+    fgsm_eps: float,
+    max_len: int,
+    negatives: int,
+    fgsm_weight: float = 1.0,
+    fgsm_direction: str = "score",
+):
     """Returns the compiled train step (a tf.function) for one batch."""
 
     @tf.function(
@@ -208,7 +231,17 @@ def make_train_step(model: NannModel, optimizer, log_q_table, fgsm_eps: float, m
             cand = tf.concat([e_pos[:, None, :], tf.tile(e_neg[None], [batch, 1, 1])], axis=1)
             state = model.user_state(hist_e, mask)
             if fgsm_eps > 0:
-                scores, delta = losses.scores_and_fgsm_delta(lambda c: model.score(state, c), cand, fgsm_eps)
+                objective = None
+                if fgsm_direction == "loss":
+
+                    def objective(s):
+                        return losses.sampled_softmax_loss(
+                            losses.corrected_logits(s, log_q, pos_ids, neg_ids)
+                        )
+
+                scores, delta = losses.scores_and_fgsm_delta(
+                    lambda c: model.score(state, c), cand, fgsm_eps, objective
+                )
             else:
                 scores = model.score(state, cand)
             logits = losses.corrected_logits(scores, log_q, pos_ids, neg_ids)
@@ -218,7 +251,7 @@ def make_train_step(model: NannModel, optimizer, log_q_table, fgsm_eps: float, m
                 aux = losses.aux_kl_loss(logits, adv)
             else:
                 aux = tf.constant(0.0)
-            loss = nce + aux
+            loss = nce + fgsm_weight * aux
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss, nce, aux
@@ -286,6 +319,8 @@ def train(dataset: Dataset, workdir: str | Path, config: TrainConfig, restart: b
         config.fgsm_eps,
         config.max_len,
         config.negatives,
+        config.fgsm_weight,
+        config.fgsm_direction,
     )
     writer = tf.summary.create_file_writer(str(workdir / "logs"))
     logger.info(

@@ -51,14 +51,20 @@ def test_factored_scoring_matches_per_user_scoring(arch):
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
 
 
+def _state_and_candidates(model, seed: int, users: int, labels: int):
+    """A user state for random histories and random candidate e_v [users, labels, D]."""
+    rng = np.random.default_rng(seed)
+    history = rng.integers(0, NUM_ITEMS, (users, 8)).astype(np.int32)
+    hist_e, mask = model.behaviour_embeddings(history)
+    state = model.user_state(hist_e, mask)
+    cand = tf.constant(rng.normal(size=(users, labels, model.config.item_dim)).astype(np.float32))
+    return state, cand
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fgsm_delta_has_max_norm_eps_and_the_gradient_sign(arch):
     model = make_model(arch)
-    rng = np.random.default_rng(2)
-    history = rng.integers(0, NUM_ITEMS, (3, 8)).astype(np.int32)
-    hist_e, mask = model.behaviour_embeddings(history)
-    state = model.user_state(hist_e, mask)
-    cand = tf.constant(rng.normal(size=(3, 5, model.config.item_dim)).astype(np.float32))
+    state, cand = _state_and_candidates(model, 2, 3, 5)
     eps = 3e-4
     scores, delta = losses.scores_and_fgsm_delta(lambda c: model.score(state, c), cand, eps)
     delta = delta.numpy()
@@ -88,13 +94,28 @@ def test_fgsm_delta_has_max_norm_eps_and_the_gradient_sign(arch):
     assert agree.mean() >= 0.99, f"FGSM sign disagrees with the gradient on {np.sum(~agree)} coordinates"
 
 
+def test_fgsm_on_the_loss_lowers_the_positive_and_raises_the_noise_labels():
+    # dL/ds is p - 1 < 0 for the positive (column 0) and p > 0 for each noise label, so the loss
+    # direction's sign is eq. 6's flipped on the positive and kept on the noise labels.
+    model = make_model("din")
+    state, cand = _state_and_candidates(model, 4, 3, 6)
+    pos, neg = tf.constant([1, 2, 3]), tf.constant([4, 5, 6, 7, 8])
+    log_q = tf.zeros([3, 6])
+
+    def loss(scores):
+        return losses.sampled_softmax_loss(losses.corrected_logits(scores, log_q, pos, neg))
+
+    _, on_score = losses.scores_and_fgsm_delta(lambda c: model.score(state, c), cand, 0.01)
+    _, on_loss = losses.scores_and_fgsm_delta(lambda c: model.score(state, c), cand, 0.01, loss)
+    on_score, on_loss = on_score.numpy(), on_loss.numpy()
+    assert np.abs(on_loss).max() == pytest.approx(0.01)
+    np.testing.assert_array_equal(on_loss[:, 0], -on_score[:, 0])
+    np.testing.assert_array_equal(on_loss[:, 1:], on_score[:, 1:])
+
+
 def test_aux_loss_is_zero_at_eps_zero_and_positive_otherwise():
     model = make_model("din")
-    rng = np.random.default_rng(3)
-    history = rng.integers(0, NUM_ITEMS, (4, 8)).astype(np.int32)
-    hist_e, mask = model.behaviour_embeddings(history)
-    state = model.user_state(hist_e, mask)
-    cand = tf.constant(rng.normal(size=(4, 6, model.config.item_dim)).astype(np.float32))
+    state, cand = _state_and_candidates(model, 3, 4, 6)
     for eps, expect_zero in ((0.0, True), (0.05, False)):
         scores, delta = losses.scores_and_fgsm_delta(lambda c: model.score(state, c), cand, eps)
         aux = float(losses.aux_kl_loss(scores, model.score(state, cand + delta)))

@@ -12,7 +12,7 @@ from model_export import cli, data
 from model_export.evaluate import EvalConfig, ExhaustiveSearcher, evaluate, load_workdir, recall_at_k
 from model_export.model import ModelConfig, build_model, load_model_files
 from model_export.synthetic import synthesize
-from model_export.train import TrainConfig, train
+from model_export.train import TrainConfig, make_optimizer, make_train_step, train
 from nann_common.errors import ArtifactError, InputError
 
 TINY = TrainConfig(arch="din", epochs=3, batch_size=64, negatives=49, checkpoint_every=40, seed=3)
@@ -196,6 +196,13 @@ def test_cli_rejects_bad_training_flags(tiny_csv, tmp_path, capsys):
         == 2
     )
     assert "--fgsm-eps must be >= 0" in capsys.readouterr().err
+    assert (
+        cli.main(
+            ["train", "--interactions", str(tiny_csv), "--workdir", str(tmp_path / "w"), "--fgsm-weight", "0"]
+        )
+        == 2
+    )
+    assert "--fgsm-weight must be > 0" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_changed_input_for_a_prepared_workdir(tiny_csv, tmp_path, capsys):
@@ -271,6 +278,26 @@ def _two_lazy_and_dense_steps(rows_1, rows_2):
             after.append(var.numpy().copy())
         tables[name] = after
     return start, tables
+
+
+def test_fgsm_weight_multiplies_the_adversarial_loss_only(tiny_dataset):
+    config = ModelConfig(num_items=tiny_dataset.num_items, num_categories=tiny_dataset.num_categories)
+    model = build_model(config, tiny_dataset.item_category)
+    log_q = tf.fill([tiny_dataset.num_items], np.float32(-np.log(tiny_dataset.num_items)))
+    rng = np.random.default_rng(0)
+    history = tf.constant(rng.integers(0, tiny_dataset.num_items, (8, 12)), tf.int32)
+    pos = tf.constant(rng.integers(0, tiny_dataset.num_items, 8), tf.int32)
+    neg = tf.constant(rng.integers(0, tiny_dataset.num_items, 9), tf.int32)
+    out = {}
+    for weight in (1.0, 50.0):
+        # A learning rate of 1e-12: the steps leave the weights as they were, so both see one model.
+        step = make_train_step(model, make_optimizer("adam", 1e-12), log_q, 0.05, 12, 9, fgsm_weight=weight)
+        out[weight] = [float(x) for x in step(history, pos, neg)]
+    (total1, nce1, aux1), (total50, nce50, aux50) = out[1.0], out[50.0]
+    assert 49.0 * aux1 > 1e-4 * total1, "L_AUX too small here to tell the weight apart"
+    assert aux50 == pytest.approx(aux1, rel=1e-3) and nce50 == pytest.approx(nce1, rel=1e-5)
+    assert total1 == pytest.approx(nce1 + aux1, rel=1e-6)
+    assert total50 == pytest.approx(nce50 + 50.0 * aux50, rel=1e-6)
 
 
 def test_lazy_adam_updates_only_the_touched_rows():
