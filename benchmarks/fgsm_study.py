@@ -26,7 +26,7 @@ twice more with another seed), ``sweep`` (din over the eps of Fig. 7a; ``sweep-c
 1e-2, 1e-1), ``weight`` (din with
 L_AUX weighted 30 and 300 at eps 1e-2), ``direction`` (din with delta's sign from the NCE loss's
 gradient, FGSM as Goodfellow et al., at eps 1e-2 and 1e-1), ``seeds`` (more trainings of din at
-eps 0, 3e-2 and 1e-1: the spread between trainings of one setting).
+eps 0, 3e-2 and 1e-1: the spread between trainings of one setting; ``seeds-coarse``: eps 0 and 1e-2).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,7 @@ RUN_SETS = {
     "weight": [("din", 1e-2, 30.0, 0, "score"), ("din", 1e-2, 300.0, 0, "score")],
     "direction": [("din", 1e-2, 1.0, 0, "loss"), ("din", 1e-1, 1.0, 0, "loss")],
     "seeds": [("din", 0.0, 1.0, 2, "score"), ("din", 3e-2, 1.0, 1, "score"), ("din", 1e-1, 1.0, 1, "score")],
+    "seeds-coarse": [("din", 0.0, 1.0, 2, "score"), ("din", 1e-2, 1.0, 1, "score")],
 }
 QUERIES = {
     # label -> (graph folder, ef top-down, T top-down)
@@ -464,6 +466,46 @@ def _plots(report: dict, per_user: dict, stem: Path) -> list[str]:
     return written
 
 
+def _across(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over models (0 SE with one model)."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def _across_trainings(rows: list[dict], labels: list[str]) -> list[str]:
+    """din trained at eps 0, small eps and large eps, each setting as a sample of trainings."""
+    groups = {
+        "eps 0": lambda e: e == 0,
+        "eps 1e-4 .. 1e-3": lambda e: 0 < e <= 1e-3,
+        "eps 3e-3 .. 1e-1": lambda e: e >= 3e-3,
+    }
+    din = [r for r in rows if r["arch"] == "din" and _plain(r)]
+    members = {name: [r for r in din if test(r["fgsm_eps"])] for name, test in groups.items()}
+    if len([m for m in members.values() if m]) < 2:
+        return []
+    out = [
+        "",
+        "### Across trainings: din models grouped by eps (mean ± SE over models; each model is one training)",
+        "",
+        "| query | metric | " + " | ".join(f"{name} ({len(m)} models)" for name, m in members.items()) + " | "
+        "largest eps group minus eps 0 (Welch SE) |",
+        "|---|---|" + "---|" * len(groups) + "---|",
+    ]
+    for label in labels:
+        for metric, get in (
+            ("coverage", lambda r, label=label: r["queries"][label]["coverage"][0]),
+            ("recall-Δ", lambda r, label=label: r["queries"][label]["recall_delta"][0]),
+        ):
+            stats = {name: _across([get(r) for r in m]) if m else None for name, m in members.items()}
+            cells = [_pm(v) if v else "" for v in stats.values()]
+            low, high = stats["eps 0"], stats["eps 3e-3 .. 1e-1"]
+            diff = ""
+            if low and high:
+                diff = f"{100 * (high[0] - low[0]):+.2f} ± {100 * np.hypot(high[1], low[1]):.2f}"
+            out.append(f"| {label} | {metric} | " + " | ".join(cells) + f" | {diff} |")
+    return out
+
+
 def markdown(report: dict, per_user: dict, plots: list[str]) -> str:
     rows, k = report["rows"], report["k"]
     first = rows[0]
@@ -523,6 +565,7 @@ def markdown(report: dict, per_user: dict, plots: list[str]) -> str:
             + ". A paired SE covers the users only; a difference between two models has to exceed "
             "this spread between trainings before it says anything about FGSM.",
         ]
+    lines += _across_trainings(rows, list(report["queries"]))
     sweep = sorted(
         (r for r in rows if r["arch"] == "din" and r["seed"] == 0),
         key=lambda r: (not _plain(r), r["fgsm_direction"], r["fgsm_weight"], r["fgsm_eps"]),
@@ -650,7 +693,7 @@ def main() -> int:
         )
     report = {
         "name": args.name,
-        "command": "python benchmarks/fgsm_study.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/fgsm_study.py " + shlex.join(sys.argv[1:]),
         "date": dt.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "splits": args.splits,

@@ -1,7 +1,7 @@
 """``make demo``: the main job end to end through the real server, on the embedded default.
 
 1. Builds a model if the workdir has none: a synthetic corpus large enough that the walk
-   matters, training (din + FGSM), the HNSW index, the SavedModel export, the feature
+   matters, training (din), the HNSW index, the SavedModel export, the feature
    snapshot, and Beam-retrieval measured against exhaustive search.
 2. Starts ``python -m server`` on a free loopback port (embedded store, in-process model),
    waits for health SERVING, calls Retrieve for a few users with the client and prints

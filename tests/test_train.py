@@ -15,7 +15,10 @@ from model_export.synthetic import synthesize
 from model_export.train import TrainConfig, make_optimizer, make_train_step, train
 from nann_common.errors import ArtifactError, InputError
 
-TINY = TrainConfig(arch="din", epochs=3, batch_size=64, negatives=49, checkpoint_every=40, seed=3)
+# FGSM on, so that training, checkpoints and resume are covered with the adversarial loss too.
+TINY = TrainConfig(
+    arch="din", epochs=3, batch_size=64, negatives=49, checkpoint_every=40, seed=3, fgsm_eps=3e-4
+)
 
 
 @pytest.fixture(scope="module")
