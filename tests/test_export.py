@@ -335,9 +335,13 @@ def test_a_layer_with_no_rounds_hands_its_entry_points_down(workdir, evaluation,
         top, n = replay_user(graph, exact_scores[u], list(ef), [1, 0, 3], layer, k, seeds=seeds)
         assert n == out["scored"].numpy()[u], (u, mode)
         overlap.append(len(np.intersect1d(top, ids[u])) / k)
+        # The same query with one round on layer 1, against its own replay.
+        _, n = replay_user(graph, exact_scores[u], list(ef), [1, 1, 3], layer, k, seeds=seeds)
+        assert n == walked["scored"].numpy()[u], (u, mode)
     assert np.mean(overlap) >= 0.99, (mode, np.mean(overlap))
-    # Layer 1 is not walked: fewer items than the same query with one round there.
-    assert out["scored"].numpy().sum() < walked["scored"].numpy().sum()
+    # T 0 is not read as T 1: the two queries walk differently. (Which one scores more depends on the
+    # model: entry points that skip layer 1 are worse, so layer 0 may expand more.)
+    assert (out["scored"].numpy() != walked["scored"].numpy()).any()
 
 
 @pytest.mark.parametrize(
