@@ -17,16 +17,18 @@ Every figure comes with its standard error over users (recall-delta's by bootstr
 ``benchmarks/results/fgsm_<name>.{json,md}`` and ``fgsm_<name>_fig6.png``, ``fgsm_<name>_fig7a.png``.
 
     python benchmarks/fgsm_study.py --name synthetic --interactions runs/fgsm/synA.csv \\
-        --root runs/fgsm/synA --train-args="--epochs 1 --examples-per-epoch 200000"
-    python benchmarks/fgsm_study.py --name movielens --interactions ../data/movielens-small \\
-        --root runs/fgsm/ml --train-args="--format movielens --epochs 3" --splits test valid
+        --root runs/fgsm/synA --train-args="--epochs 1 --examples-per-epoch 150000"
+    python benchmarks/fgsm_study.py --name movielens --interactions DATA/movielens-small \\
+        --root runs/fgsm/ml --train-args="--format movielens --epochs 2" --runs table3 sweep-coarse \\
+        --splits test valid --users 0
 
 ``--runs`` picks the model sets: ``table3`` (three architectures with and without FGSM, din
-twice more with another seed), ``sweep`` (din over the eps of Fig. 7a; ``sweep-coarse``: 0, 3e-4,
-1e-2, 1e-1), ``weight`` (din with
-L_AUX weighted 30 and 300 at eps 1e-2), ``direction`` (din with delta's sign from the NCE loss's
-gradient, FGSM as Goodfellow et al., at eps 1e-2 and 1e-1), ``seeds`` (more trainings of din at
-eps 0, 3e-2 and 1e-1: the spread between trainings of one setting; ``seeds-coarse``: eps 0 and 1e-2).
+twice more with another seed), ``sweep`` (din over the eps of Fig. 7a; ``sweep-coarse``: 0,
+3e-4, 1e-2, 1e-1), ``weight`` (din with L_AUX weighted 30 and 300 at eps 1e-2), ``direction``
+(din with delta's sign from the NCE loss's gradient, FGSM as Goodfellow et al., at eps 1e-2 and
+1e-1), ``seeds`` (more trainings of din at eps 0, 3e-2 and 1e-1: the spread between trainings of
+one setting; ``seeds-coarse``: eps 0 and 1e-2). The commands behind the committed reports are in
+benchmarks/results/README.md.
 """
 
 from __future__ import annotations
