@@ -215,7 +215,7 @@ def analyse(workdir: Path, splits: list[str], users: int, k: int, probe_eps: flo
     """Every metric of one model: (summary dict, per-user arrays)."""
     from model_export.evaluate import Evaluation, recall_at_k
     from model_export.retrieval import default_start_layer
-    from model_export.walk_replay import replay_user
+    from model_export.walk_replay import exact_top_k, replay_user
     from nann_common import artifacts
     from nann_common.graph import load_graph
 
@@ -229,7 +229,7 @@ def analyse(workdir: Path, splits: list[str], users: int, k: int, probe_eps: flo
     meta = artifacts.read_meta(workdir / "model", "model", verify=False)
     started = time.perf_counter()
     scores = all_scores(model, item_e, histories)
-    reference = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    reference = exact_top_k(scores, k)
     hit_all = recall_at_k(reference, targets)
     result = {
         "run": workdir.name,

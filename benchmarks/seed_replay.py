@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export.walk_replay import replay_user
+from model_export.walk_replay import exact_top_k, replay_user
 
 
 def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start_layer: int, k: int):
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     base_steps = [int(x) for x in args.steps.split(",")]
     scores = cached_scores(args.workdir, args.users)
     histories = Evaluation(args.workdir, "test", args.users, 0).histories
-    reference = np.stack([np.argsort(-row, kind="stable")[: args.k] for row in scores])  # row by row: bounded
+    reference = exact_top_k(scores, args.k)
     graph = load_graph(args.workdir / "index", verify=False)
     start_layer = default_start_layer([len(x) for x in graph.nodes], ef[::-1], graph.num_items)
     if start_layer + 1 != len(ef):

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model_export.evaluate import Evaluation
     from model_export.export import latest_export
+    from model_export.walk_replay import exact_top_k
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, type=Path, help="workdir with an export")
@@ -116,13 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = evaluation.dataset.item_ids
     histories = np.where(evaluation.histories >= 0, ids[np.maximum(evaluation.histories, 0)], -1)
     # The exact scores of these users, shared with seed_replay.py and walk_replay.py (one pass).
-    # Row by row: one argsort of [users, N] would hold users x N int64 (4 GB for 128 users at 3.9M).
-    reference = np.stack(
-        [
-            np.argsort(-row, kind="stable")[: args.k]
-            for row in cached_scores(args.workdir, args.coverage_users)
-        ]
-    )
+    reference = exact_top_k(cached_scores(args.workdir, args.coverage_users), args.k)
 
     rows = []
     for label, (runner, query) in queries.items():

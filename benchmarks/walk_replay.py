@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from model_export.walk_replay import exact_scores, replay_user  # noqa: E402
+from model_export.walk_replay import exact_scores, exact_top_k, replay_user  # noqa: E402
 
 
 def cached_scores(workdir: Path, users: int, seed: int = 0, split: str = "test") -> np.ndarray:
@@ -90,7 +90,7 @@ def main() -> int:
     ef = [int(x) for x in args.ef.split(",")]
     steps = [int(x) for x in args.steps.split(",")]
     scores = cached_scores(args.workdir, args.users)
-    reference = np.argsort(-scores, axis=1, kind="stable")[:, : args.k]
+    reference = exact_top_k(scores, args.k)
     results = []
     for index in args.index:
         started = time.perf_counter()

@@ -78,6 +78,15 @@ def walk_layer(graph, layer: int, scores, entry, width: int, rounds: int):
     return beam, scored
 
 
+def exact_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k best item ids [users, k], ties by id: the exhaustive answer over ``scores``.
+
+    Sorted row by row: one argsort of [users, N] would hold users x N int64 (4 GB for 128 users
+    at 3.9M items).
+    """
+    return np.stack([np.argsort(-row, kind="stable")[:k] for row in scores])
+
+
 def exact_scores(evaluation, chunk: int = 65536) -> np.ndarray:
     """float32 [users, N]: every item's score for an :class:`Evaluation`'s users."""
     import tensorflow as tf
