@@ -281,24 +281,25 @@ class RetrievalModule(tf.Module):
                 seeds=dense,
             )
 
-        branches = [
-            (tf.equal(mode, "beam"), beam("bitmap")),
-            (tf.equal(mode, "beam_history"), beam_history),
-            (tf.equal(mode, "beam_sets"), beam("sets")),
-            (
-                tf.equal(mode, "hnsw"),
-                lambda: retrieval.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[0]),
-            ),
-            (
-                tf.equal(mode, "exhaustive"),
-                lambda: retrieval.exhaustive_retrieval(score_fn, self.item_e, batch, k),
-            ),
-        ]
-        known = tf.reduce_any(tf.stack([c for c, _ in branches]))
+        branches = {
+            "beam": beam("bitmap"),
+            "beam_history": beam_history,
+            "beam_sets": beam("sets"),
+            "hnsw": lambda: retrieval.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[0]),
+            "exhaustive": lambda: retrieval.exhaustive_retrieval(score_fn, self.item_e, batch, k),
+        }
+        match = tf.equal(mode, list(MODES))
         with tf.control_dependencies(
-            [tf.debugging.Assert(known, ["mode must be one of", ", ".join(MODES), "got", mode])]
+            [
+                tf.debugging.Assert(
+                    tf.reduce_any(match), ["mode must be one of", ", ".join(MODES), "got", mode]
+                )
+            ]
         ):
-            ids, scores, scored = tf.case(branches, exclusive=True)
+            # One N-way switch (a Case op): a chain of conds would route every captured tensor of
+            # the later branches through a Switch per level, hundreds of ops per request.
+            index = tf.identity(tf.argmax(tf.cast(match, tf.int32), output_type=tf.int32))
+        ids, scores, scored = tf.switch_case(index, [branches[n] for n in MODES])
         return {
             "item_ids": tf.gather(item_ids, tf.maximum(ids, 0)),
             "scores": scores,

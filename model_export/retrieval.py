@@ -11,7 +11,7 @@ Two searches over an extracted HNSW graph, batched over users:
   the graph's entry point, greedy search (ef = 1) on the upper layers, then the
   best-first while-loop with ef_0 on layer 0.
 
-Visited marking is a dense [B, N] mask (the "bitmap"); ``marking="sets"``
+Visited marking is a [B, N / 32] bitmap, one bit per item; ``marking="sets"``
 uses TensorFlow's raw set ops instead, kept for the Table 1 comparison.
 """
 
@@ -93,6 +93,23 @@ def _compact(ids, sentinel):
     return tf.where(x == sentinel, -1, x)
 
 
+def _unique_keys(ids, keep, num_items):
+    """The distinct (row, id) pairs of ids [B, w] where ``keep``, in first-seen order, as
+    int64 keys row * num_items + id (rows ascending)."""
+    # tf.where + gather_nd rather than tf.boolean_mask: the same values in 2 ops instead of 13.
+    at = tf.where(keep)
+    unique, _ = tf.unique(at[:, 0] * num_items + tf.cast(tf.gather_nd(ids, at), tf.int64))
+    return unique
+
+
+def _from_keys(keys, rows, num_items):
+    """Keys of :func:`_unique_keys` -> (ids [rows, longest row] -1 padded, ids per row, row, id)."""
+    row = keys // num_items
+    label = tf.cast(keys % num_items, tf.int32)
+    ragged = tf.RaggedTensor.from_value_rowids(label, row, nrows=tf.cast(rows, tf.int64), validate=False)
+    return ragged.to_tensor(default_value=-1), tf.cast(ragged.row_lengths(), tf.int32), row, label
+
+
 def _distinct(ids, num_items):
     """Each row's distinct ids >= 0, in first-seen order, -1 padded to the longest row.
 
@@ -100,48 +117,51 @@ def _distinct(ids, num_items):
     a full-width TopKV2 on CPU, which was the largest op of a batch-1 query. Rows are
     kept apart by offsetting each row's ids by row * num_items.
     """
-    rows = tf.shape(ids)[0]
-    row = tf.broadcast_to(tf.range(rows, dtype=tf.int64)[:, None], tf.shape(ids))
-    valid = ids >= 0
-    flat = tf.boolean_mask(row * num_items + tf.cast(ids, tf.int64), valid)
-    unique, _ = tf.unique(flat)
-    ragged = tf.RaggedTensor.from_value_rowids(
-        tf.cast(unique % num_items, ids.dtype), unique // num_items, nrows=tf.cast(rows, tf.int64)
-    )
-    return ragged.to_tensor(default_value=-1)
+    keys = _unique_keys(ids, ids >= 0, num_items)
+    return _from_keys(keys, tf.shape(ids)[0], num_items)[0]
 
 
 def _valid_ids(ids):
     """Each row's ids >= 0, in order, -1 padded to the longest row."""
-    rows = tf.shape(ids)[0]
-    valid = ids >= 0
-    where = tf.where(valid)
+    at = tf.where(ids >= 0)
     ragged = tf.RaggedTensor.from_value_rowids(
-        tf.boolean_mask(ids, valid), where[:, 0], nrows=tf.cast(rows, tf.int64)
+        tf.gather_nd(ids, at), at[:, 0], nrows=tf.cast(tf.shape(ids)[0], tf.int64), validate=False
     )
     return ragged.to_tensor(default_value=-1)
 
 
 class _Bitmap:
-    """Visited marking with a dense [B, N] bool mask."""
+    """Visited marking with a [B, ceil(N / 32)] int32 bitmap: one bit per item.
+
+    A bool mask would hold a byte per item (1.4 MB per user and walked layer at 1.37M items, 124 MB
+    at batch 32 and 3.9M items), and every round's scatter copies it; the bitmap is 32x smaller.
+    A bit is set by adding its value to its word, which equals OR for ids that are distinct
+    within a row and not yet marked: :meth:`visit` marks only such ids.
+    """
 
     def __init__(self, batch, num_items):
         self.num_items = num_items
         self.batch = batch
+        self.words = (num_items + 31) // 32
 
     def init(self, ids):
-        mask = tf.zeros([self.batch, self.num_items], tf.bool)
-        return self.mark(mask, ids)
+        visited = tf.zeros([self.batch, self.words], tf.int32)
+        return self._mark(visited, _unique_keys(ids, ids >= 0, self.num_items), tf.shape(ids)[0])[2]
 
-    def unvisited(self, visited, ids):
-        seen = tf.gather(visited, tf.maximum(ids, 0), batch_dims=1)
-        return tf.where((ids >= 0) & ~seen, ids, -1)
+    def visit(self, visited, ids):
+        """ids [B, w] (-1 = none) -> (the not yet visited ones, each once, -1 padded [B, m]; their
+        count per row [B]; visited with them marked). One pass: test, dedupe, mark."""
+        safe = tf.maximum(ids, 0)
+        word = tf.gather(visited, tf.bitwise.right_shift(safe, 5), batch_dims=1)
+        seen = tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, tf.bitwise.bitwise_and(safe, 31)), 1)
+        keys = _unique_keys(ids, (ids >= 0) & (seen == 0), self.num_items)
+        return self._mark(visited, keys, tf.shape(ids)[0])
 
-    def mark(self, visited, ids):
-        idx = tf.where(ids >= 0)
-        labels = tf.gather_nd(ids, idx)
-        updates = tf.stack([idx[:, 0], tf.cast(labels, tf.int64)], axis=1)
-        return tf.tensor_scatter_nd_update(visited, updates, tf.ones_like(labels, tf.bool))
+    def _mark(self, visited, keys, rows):
+        new, counts, row, label = _from_keys(keys, rows, self.num_items)
+        updates = tf.stack([row, tf.cast(tf.bitwise.right_shift(label, 5), tf.int64)], axis=1)
+        bits = tf.bitwise.left_shift(tf.ones_like(label), tf.bitwise.bitwise_and(label, 31))
+        return new, counts, tf.tensor_scatter_nd_add(visited, updates, bits)
 
     def shape(self):
         return tf.TensorShape([None, None])
@@ -160,6 +180,11 @@ class _Sets:
         new = tf.sets.difference(ids, visited)
         return tf.sparse.to_dense(new, default_value=-1)
 
+    def visit(self, visited, ids):
+        new = _distinct(self.unvisited(visited, ids), self.num_items)
+        counts = tf.reduce_sum(tf.cast(new >= 0, tf.int32), axis=1)
+        return new, counts, self.mark(visited, new)
+
     def mark(self, visited, ids):
         return _compact(tf.concat([visited, ids], axis=1), self.num_items)
 
@@ -175,20 +200,24 @@ def _marker(marking, batch, num_items):
     raise ValueError(f"marking must be one of {MARKINGS}, got {marking!r}")
 
 
+# Multiples of 64 up to 512, then steps of 2**(1/4) rounded up to 64, up to 2**30.
+WIDTH_GRID = np.unique(
+    np.concatenate([np.arange(64, 513, 64), np.ceil(2.0 ** (np.arange(36, 121) / 4) / 64) * 64])
+).astype(np.int32)
+
+
 def padded_width(m):
-    """The width m candidates are scored at: the next point of a fixed grid of shapes.
+    """The width m candidates are scored at: the next point of :data:`WIDTH_GRID`.
 
     Multiples of 64 up to 512, then steps of 2**(1/4) rounded up to 64 (at most 27% padding). A graph
     walk scores a different number of candidates every round; oneDNN, TensorFlow's
-    CPU kernels for the scorer's matmuls, builds a kernel per new shape, so most rounds
-    paid for one (batch 1 at 1.37M items: 32-37 ms unpadded, 23-27 ms padded, in one
-    session). On the grid a few dozen shapes cover every walk (the paper's
-    auto-padding, here without XLA).
+    CPU kernels for the scorer's matmuls, builds a kernel per new shape, and XLA compiles one, so
+    most rounds paid for one (batch 1 at 1.37M items: 32-37 ms unpadded, 23-27 ms padded, in one
+    session). On the grid a few dozen shapes cover every walk (the paper's auto-padding). One
+    lookup, as the grid is a constant.
     """
-    m = tf.convert_to_tensor(m, tf.int32)
-    octaves = tf.math.ceil(4.0 * tf.math.log(tf.cast(tf.maximum(m, 1), tf.float32)) / np.log(2.0)) / 4.0
-    grid = tf.cast(tf.math.ceil(tf.pow(2.0, octaves) / 64.0) * 64.0, tf.int32)
-    return tf.maximum(tf.maximum(grid, 64 * ((m + 63) // 64)), m)
+    m = tf.reshape(tf.convert_to_tensor(m, tf.int32), [1])
+    return tf.gather(WIDTH_GRID, tf.searchsorted(WIDTH_GRID, m, side="left"))[0]
 
 
 def _score_ids(score_fn, item_e, ids):
@@ -239,10 +268,9 @@ def search_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef, steps, m
         # Only the beam's newest members are expanded: drop the -1 slots before the gather, so
         # a round's neighbour lists are as wide as the most new members of a row, not ef.
         cand = _valid_ids(cand)
-        new = _distinct(marker.unvisited(visited, graph.neighbors_of(layer, cand)), graph.num_items)
-        visited = marker.mark(visited, new)
+        new, count, visited = marker.visit(visited, graph.neighbors_of(layer, cand))
         s_new = _score_ids(score_fn, item_e, new)
-        scored += tf.reduce_sum(tf.cast(new >= 0, tf.int32), axis=1)
+        scored += count
         all_ids = tf.concat([w_ids, new], axis=1)
         all_s = tf.concat([w_s, s_new], axis=1)
         top_s, top = tf.math.top_k(all_s, k=ef)
@@ -386,11 +414,9 @@ def best_first_layer(graph, layer, score_fn, item_e, ep_ids, ep_scores, ef):
         best, live = pick(w_ids, w_s, expanded)
         node = tf.where(live, tf.gather(w_ids, best, batch_dims=1), -1)
         expanded = expanded | (tf.one_hot(best, ef, on_value=True, off_value=False) & live[:, None])
-        nb = marker.unvisited(visited, graph.neighbors_of(layer, node[:, None]))
-        nb = _distinct(nb, graph.num_items)
-        visited = marker.mark(visited, nb)
+        nb, count, visited = marker.visit(visited, graph.neighbors_of(layer, node[:, None]))
         s_new = _score_ids(score_fn, item_e, nb)
-        scored += tf.reduce_sum(tf.cast(nb >= 0, tf.int32), axis=1)
+        scored += count
         all_ids = tf.concat([w_ids, nb], axis=1)
         all_s = tf.concat([w_s, s_new], axis=1)
         all_x = tf.concat([expanded, tf.zeros_like(nb, tf.bool)], axis=1)

@@ -182,3 +182,27 @@ def test_candidates_are_scored_on_a_fixed_grid_of_widths(setup):
     want = scorer(model, history[:2])(tf.gather(item_e, tf.maximum(ids, 0))).numpy()
     np.testing.assert_allclose(got[ids.numpy() >= 0], want[ids.numpy() >= 0], rtol=1e-5, atol=1e-6)
     assert np.isneginf(got[ids.numpy() < 0]).all()
+
+
+def test_visited_bitmap_marks_exactly_the_items_given():
+    """Every bit position, the sign bit included, against a python set per row."""
+    rng = np.random.default_rng(3)
+    num_items, batch = 100, 3  # 4 words per row, the last one partly used
+    marker = retrieval._Bitmap(batch, num_items)
+    first = np.full((batch, 40), -1, np.int32)
+    first[:, :30] = rng.integers(0, num_items, size=(batch, 30))  # repeats: init takes each once
+    first[0, :3] = [31, 63, 31]
+    visited = marker.init(tf.constant(first))
+    seen = [set(r[r >= 0].tolist()) for r in first]
+    for _ in range(4):
+        ids = rng.integers(-1, num_items, size=(batch, 50)).astype(np.int32)
+        new, counts, visited = marker.visit(visited, tf.constant(ids))
+        for r, s, got, n in zip(ids, seen, new.numpy(), counts.numpy(), strict=True):
+            want = list(dict.fromkeys(x for x in r.tolist() if x >= 0 and x not in s))  # first seen
+            assert got[got >= 0].tolist() == want and n == len(want)
+            assert (got[len(want) :] == -1).all()
+            s.update(want)
+    everything = np.tile(np.arange(num_items, dtype=np.int32), (batch, 1))
+    left, _, _ = marker.visit(visited, tf.constant(everything))
+    for s, r in zip(seen, left.numpy(), strict=True):
+        assert set(r[r >= 0].tolist()) == set(range(num_items)) - s
