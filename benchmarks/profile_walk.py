@@ -49,7 +49,8 @@ def kind(name: str, op: str) -> str:
         return "control flow"
     if op == "TopKV2":
         return "top-k"
-    if op == "TensorScatterUpdate":
+    # The [B, N] bool mask (TensorScatterUpdate) or the bitmap's bit tests and segment-sum marking.
+    if op in ("TensorScatterUpdate", "UnsortedSegmentSum", "RightShift", "LeftShift", "BitwiseAnd"):
         return "visited marking"
     if (
         "score_" in name

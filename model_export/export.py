@@ -136,6 +136,16 @@ class RetrievalModule(tf.Module):
         # With stride 0 the start layer is not used; one node keeps the variable non-empty.
         thin = start_nodes[:: config.history_stride] if config.history_stride else start_nodes[:1]
         self.history_start_nodes = tf.Variable(thin, trainable=False, name="history_start_nodes")
+        # The start nodes' e_v, held apart: read in order, not gathered from item_e per request
+        # (not when layer 0 is the start layer: that copy would be all of item_e).
+        self.start_e = self.history_start_e = None
+        if start > 0:
+            self.start_e = tf.Variable(
+                item_e[start_nodes].astype(np.float32), trainable=False, name="start_e"
+            )
+            self.history_start_e = tf.Variable(
+                item_e[thin].astype(np.float32), trainable=False, name="history_start_e"
+            )
         if not 1 <= config.k <= min(ef0, self.num_items):
             raise InputError(
                 f"k must be in 1..min(ef_0, items) = 1..{min(ef0, self.num_items)}, got {config.k}"
@@ -263,7 +273,16 @@ class RetrievalModule(tf.Module):
 
         def beam(marking):
             return lambda: retrieval.beam_retrieval(
-                self.graph, score_fn, self.item_e, batch, k, ef_list, steps_list, self.start_layer, marking
+                self.graph,
+                score_fn,
+                self.item_e,
+                batch,
+                k,
+                ef_list,
+                steps_list,
+                self.start_layer,
+                marking,
+                start_e=self.start_e,
             )
 
         def beam_history():
@@ -279,6 +298,7 @@ class RetrievalModule(tf.Module):
                 start,
                 start_nodes=self.history_start_nodes,
                 seeds=dense,
+                start_e=self.history_start_e,
             )
 
         branches = {

@@ -152,16 +152,20 @@ class _Bitmap:
         """ids [B, w] (-1 = none) -> (the not yet visited ones, each once, -1 padded [B, m]; their
         count per row [B]; visited with them marked). One pass: test, dedupe, mark."""
         safe = tf.maximum(ids, 0)
-        word = tf.gather(visited, tf.bitwise.right_shift(safe, 5), batch_dims=1)
+        rows = tf.shape(ids)[0]
+        at = tf.bitwise.right_shift(safe, 5) + tf.range(rows)[:, None] * self.words
+        word = tf.gather(tf.reshape(visited, [-1]), at)
         seen = tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, tf.bitwise.bitwise_and(safe, 31)), 1)
         keys = _unique_keys(ids, (ids >= 0) & (seen == 0), self.num_items)
-        return self._mark(visited, keys, tf.shape(ids)[0])
+        return self._mark(visited, keys, rows)
 
     def _mark(self, visited, keys, rows):
         new, counts, row, label = _from_keys(keys, rows, self.num_items)
-        updates = tf.stack([row, tf.cast(tf.bitwise.right_shift(label, 5), tf.int64)], axis=1)
+        at = row * self.words + tf.cast(tf.bitwise.right_shift(label, 5), tf.int64)
         bits = tf.bitwise.left_shift(tf.ones_like(label), tf.bitwise.bitwise_and(label, 31))
-        return new, counts, tf.tensor_scatter_nd_add(visited, updates, bits)
+        # A segment sum and one add: tensor_scatter_nd_add's per-update path cost 3x as much.
+        add = tf.math.unsorted_segment_sum(bits, at, tf.cast(rows, tf.int64) * self.words)
+        return new, counts, visited + tf.reshape(add, [rows, self.words])
 
     def shape(self):
         return tf.TensorShape([None, None])
@@ -321,6 +325,7 @@ def beam_retrieval(
     marking="bitmap",
     start_nodes=None,
     seeds=None,
+    start_e=None,
 ):
     """Algorithm 1 with the start layer scored exhaustively.
 
@@ -331,6 +336,8 @@ def beam_retrieval(
       start_nodes: the nodes scored on the start layer (default: all of it).
       seeds: optional [B, L] dense ids (-1 padded), for example the user's own behaviours:
         extra entry points of layer 0, scored and expanded with the beam that reaches it.
+      start_e: optional e_v of the start nodes, [n, D] (default: gathered from item_e per call;
+        a copy held apart reads 1.7 MB in order instead of 6,826 random rows at 1.37M items).
     Returns:
       (ids [B, k] dense item ids, scores [B, k], items scored per user [B]).
     """
@@ -341,9 +348,8 @@ def beam_retrieval(
         scored = tf.zeros([batch], tf.int32)
     else:
         nodes = graph.nodes[start_layer] if start_nodes is None else start_nodes
-        start_scores = score_fn(
-            tf.broadcast_to(tf.gather(item_e, nodes)[None], [batch, tf.shape(nodes)[0], tf.shape(item_e)[1]])
-        )
+        e = tf.gather(item_e, nodes) if start_e is None else tf.convert_to_tensor(start_e)
+        start_scores = score_fn(tf.broadcast_to(e[None], [batch, tf.shape(nodes)[0], tf.shape(item_e)[1]]))
         ids = tf.broadcast_to(nodes[None], tf.shape(start_scores))
         ids, scores = _fit_width(ids, start_scores, ef[start_layer])
         scored = tf.fill([batch], tf.shape(nodes)[0])
