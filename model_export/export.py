@@ -271,31 +271,17 @@ class RetrievalModule(tf.Module):
         ef_list = [ef_by_layer[i] for i in range(self.start_layer + 1)]
         steps_list = [steps_by_layer[i] for i in range(self.start_layer + 1)]
 
-        def beam(marking):
-            return lambda: retrieval.beam_retrieval(
-                self.graph,
-                score_fn,
-                self.item_e,
-                batch,
-                k,
-                ef_list,
-                steps_list,
-                self.start_layer,
-                marking,
-                start_e=self.start_e,
+        def walk(start, **options):
+            return retrieval.beam_retrieval(
+                self.graph, score_fn, self.item_e, batch, k, ef_list, steps_list, start, **options
             )
 
+        def beam(marking):
+            return lambda: walk(self.start_layer, marking=marking, start_e=self.start_e)
+
         def beam_history():
-            start = self.start_layer if self.history_stride else 0
-            return retrieval.beam_retrieval(
-                self.graph,
-                score_fn,
-                self.item_e,
-                batch,
-                k,
-                ef_list,
-                steps_list,
-                start,
+            return walk(
+                self.start_layer if self.history_stride else 0,
                 start_nodes=self.history_start_nodes,
                 seeds=dense,
                 start_e=self.history_start_e,
