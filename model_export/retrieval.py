@@ -217,7 +217,7 @@ def padded_width(m):
     walk scores a different number of candidates every round; oneDNN, TensorFlow's
     CPU kernels for the scorer's matmuls, builds a kernel per new shape, and XLA compiles one, so
     most rounds paid for one (batch 1 at 1.37M items: 32-37 ms unpadded, 23-27 ms padded, in one
-    session). On the grid a few dozen shapes cover every walk (the paper's auto-padding). One
+    run). On the grid a few dozen shapes cover every walk (the paper's auto-padding). One
     lookup, as the grid is a constant.
     """
     m = tf.reshape(tf.convert_to_tensor(m, tf.int32), [1])
