@@ -102,12 +102,17 @@ def _unique_keys(ids, keep, num_items):
     return unique
 
 
+def _to_rows(values, row, rows):
+    """values with their ascending row numbers -> ([rows, longest row] -1 padded, values per row)."""
+    ragged = tf.RaggedTensor.from_value_rowids(values, row, nrows=tf.cast(rows, tf.int64), validate=False)
+    return ragged.to_tensor(default_value=-1), tf.cast(ragged.row_lengths(), tf.int32)
+
+
 def _from_keys(keys, rows, num_items):
     """Keys of :func:`_unique_keys` -> (ids [rows, longest row] -1 padded, ids per row, row, id)."""
     row = keys // num_items
     label = tf.cast(keys % num_items, tf.int32)
-    ragged = tf.RaggedTensor.from_value_rowids(label, row, nrows=tf.cast(rows, tf.int64), validate=False)
-    return ragged.to_tensor(default_value=-1), tf.cast(ragged.row_lengths(), tf.int32), row, label
+    return (*_to_rows(label, row, rows), row, label)
 
 
 def _distinct(ids, num_items):
@@ -124,10 +129,7 @@ def _distinct(ids, num_items):
 def _valid_ids(ids):
     """Each row's ids >= 0, in order, -1 padded to the longest row."""
     at = tf.where(ids >= 0)
-    ragged = tf.RaggedTensor.from_value_rowids(
-        tf.gather_nd(ids, at), at[:, 0], nrows=tf.cast(tf.shape(ids)[0], tf.int64), validate=False
-    )
-    return ragged.to_tensor(default_value=-1)
+    return _to_rows(tf.gather_nd(ids, at), at[:, 0], tf.shape(ids)[0])[0]
 
 
 class _Bitmap:
