@@ -48,11 +48,13 @@ def function_runner(path: Path):
     return run
 
 
-def session_runner(path: Path, bf16: bool = False):
+def session_runner(path: Path, bf16: bool = False, intra_op_threads: int = 0):
     """Session.run on the signature's tensors; ``bf16`` turns on grappler's oneDNN bfloat16
-    rewrite (matmuls and their neighbours in bfloat16 where the CPU has the instructions)."""
+    rewrite (matmuls and their neighbours in bfloat16 where the CPU has the instructions);
+    ``intra_op_threads`` as TF Serving's --tensorflow_intra_op_parallelism (0: TensorFlow's
+    choice; the first session of a process sets the intra-op pool for all of them)."""
     graph = tf.Graph()
-    config = tf.compat.v1.ConfigProto()
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads)
     if bf16:
         config.graph_options.rewrite_options.auto_mixed_precision_onednn_bfloat16 = 1  # ON
     session = tf.compat.v1.Session(graph=graph, config=config)

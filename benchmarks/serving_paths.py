@@ -95,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         default=82.5e3,
         help="scorer FLOP per candidate (din at the default sizes, see profile_walk.py)",
     )
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="TensorFlow intra-op threads for every path, as the server's flag (0: TensorFlow's "
+        "choice); one process has one intra-op pool, so compare settings in separate runs",
+    )
     p.add_argument("--out", type=Path, help="JSON file written")
     args = p.parse_args(argv)
 
@@ -107,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             contracts[version] = contract.load_contract(base / str(version), verify=False)
         runner = (version, label.endswith(BF16))
         if runner not in runners:
-            runners[runner] = session_runner(base / str(version), bf16=runner[1])
+            runners[runner] = session_runner(
+                base / str(version), bf16=runner[1], intra_op_threads=args.intra_op_threads
+            )
         try:
             queries[label] = (runner, contracts[version].resolve(args.k, ef, steps, mode))
         except contract.InvalidRequest as e:
@@ -193,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "start_layer": serving.start_layer,
         "layer_sizes": list(serving.layer_sizes),
         "cpus": os.cpu_count(),
+        "intra_op_threads": args.intra_op_threads,
         "matmul_peak_gflops": round(peak, 1),
         "flop_per_item": args.flop_per_item,
         "rows": rows,

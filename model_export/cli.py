@@ -335,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the scorer with XLA (jit_compile): faster in process; stock TF Serving runs "
         "such an export only with --xla_cpu_compilation_enabled, so export without it for TF Serving",
     )
+    ex.add_argument(
+        "--score-split",
+        type=int,
+        default=2,
+        help="with --xla, every scorer call as this many XLA calls over slices of the candidates "
+        "(default 2, the cores of the machines measured): one XLA call runs on one thread, and "
+        "TensorFlow runs independent calls side by side; pair with the server's "
+        "--intra-op-threads 1 (docs/parameters.md)",
+    )
 
     fe = sub.add_parser(
         "features",
@@ -501,6 +510,7 @@ def _export(args) -> int:
             mode=args.mode,
             history_stride=args.history_stride,
             xla=args.xla,
+            score_split=args.score_split,
         ),
     )
     print(path)

@@ -59,6 +59,7 @@ DEFAULT_STEPS = (1, 0, 5)
 DEFAULT_K = 200
 DEFAULT_MODE = "beam_history"
 DEFAULT_HISTORY_STRIDE = 2
+DEFAULT_SCORE_SPLIT = 2
 EXPORT_DIR = "export"
 
 
@@ -73,6 +74,7 @@ class ExportConfig:
     mode: str = DEFAULT_MODE
     history_stride: int = DEFAULT_HISTORY_STRIDE  # beam_history: every F-th start node; 0 = none
     xla: bool = False  # compile the scorer with XLA (TF Serving then needs --xla_cpu_compilation_enabled)
+    score_split: int = DEFAULT_SCORE_SPLIT  # xla: every scorer call as this many XLA calls
 
 
 def _params_for(start_layer: int, values: tuple[int, ...]) -> tuple[int, ...]:
@@ -130,6 +132,9 @@ class RetrievalModule(tf.Module):
             )
         self.default_mode = config.mode
         self.xla = config.xla
+        if config.score_split < 1:
+            raise InputError(f"--score-split must be >= 1, got {config.score_split}")
+        self.score_split = config.score_split
         self.max_len = int(max_len)
         self.history_stride = config.history_stride
         start_nodes = np.asarray(graph.nodes[start], np.int32)
@@ -261,8 +266,13 @@ class RetrievalModule(tf.Module):
             return self.model.score(state, cand)
 
         # With xla the scorer is one XLA cluster per candidate width (a few dozen on the padded
-        # grid): its elementwise ops fuse and its small matmuls lose their per-op overhead.
-        score_fn = tf.function(score, jit_compile=True) if self.xla else score
+        # grid): its elementwise ops fuse and its small matmuls lose their per-op overhead. One
+        # XLA call runs mostly on one thread, so each call is split in score_split parts that
+        # the inter-op threads run side by side.
+        if self.xla:
+            score_fn = split_scorer(tf.function(score, jit_compile=True), self.score_split)
+        else:
+            score_fn = score
 
         batch = tf.shape(history)[0]
         # Layer l's parameter is entry start_layer - l of the top-down vectors.
@@ -311,6 +321,28 @@ class RetrievalModule(tf.Module):
             "scores": scores,
             "scored": scored,
         }
+
+
+def split_scorer(score_fn, parts: int):
+    """``score_fn`` (candidates [B, N, D] -> [B, N]) run on ``parts`` slices of the candidate axis.
+
+    The calls are independent, so TensorFlow runs them on its inter-op threads at once: with one
+    intra-op thread (the server's ``--intra-op-threads 1``) an XLA scorer then uses every core
+    on a single request, where one call would use one. Slice widths differ by at most one.
+    """
+    if parts <= 1:
+        return score_fn
+
+    def scorer(cand):
+        width = cand.shape[1]
+        if width is not None and width < parts:
+            return score_fn(cand)
+        if width is None:
+            width = tf.shape(cand)[1]
+        cuts = [width * i // parts for i in range(parts + 1)]
+        return tf.concat([score_fn(cand[:, a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)], axis=1)
+
+    return scorer
 
 
 def _next_version(export_root: Path) -> int:
@@ -456,7 +488,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
         raise
     logger.info(
         "exported %s (start layer %d, defaults mode=%s k=%d ef=%s T=%s, history stride %d, "
-        "%d warm-up records)",
+        "scorer %s, %d warm-up records)",
         final,
         module.start_layer,
         config.mode,
@@ -464,6 +496,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
         module.default_ef,
         module.default_steps,
         config.history_stride,
+        f"XLA in {config.score_split} parts" if config.xla else "stock ops",
         records,
     )
     return final

@@ -258,9 +258,13 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation, exact_sc
         assert np.mean(overlap) >= 0.99, (ef, steps, np.mean(overlap))
 
 
-def test_xla_scorer_finds_what_the_stock_one_does(workdir, saved, evaluation):
-    """--xla compiles the scorer with XLA; the walk and its answer stay those of the stock export."""
-    module = _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": True}))
+@pytest.mark.parametrize("split", [2, 3])
+def test_xla_scorer_finds_what_the_stock_one_does(workdir, saved, evaluation, split):
+    """--xla compiles the scorer with XLA, each call in `split` parts; the walk and its answer stay
+    those of the stock export."""
+    module = _module(
+        workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": True, "score_split": split})
+    )
     # Histories shorter than max_len (the XLA export pads them to one shape): left-aligned rows.
     rows = [row[row >= 0][-30:] for row in original_histories(evaluation, slice(0, 16))]
     history = np.full((len(rows), max(map(len, rows))), -1, np.int64)
@@ -278,6 +282,37 @@ def test_xla_scorer_finds_what_the_stock_one_does(workdir, saved, evaluation):
             for a, b in zip(xla["item_ids"].numpy(), stock["item_ids"].numpy(), strict=True)
         ]
         assert np.mean(same) >= 0.99, (mode, same)
+
+
+def test_split_scorer_scores_every_candidate_once_in_order():
+    """Slices of any width, fewer candidates than parts included, put back in their order."""
+    from model_export.export import split_scorer
+
+    calls = []
+
+    def score(cand):  # 100 x the candidate's value + its position within the slice scored
+        calls.append(tuple(cand.shape))
+        return cand[..., 0] * 100.0 + tf.cast(tf.range(tf.shape(cand)[1]), tf.float32)[None]
+
+    split = tf.function(split_scorer(score, 3), input_signature=[tf.TensorSpec([None, None, 1], tf.float32)])
+    for width in (0, 1, 2, 3, 7, 64):
+        cand = tf.reshape(tf.range(4 * width, dtype=tf.float32), [4, width, 1])
+        value, position = np.divmod(split(cand).numpy().astype(np.int64), 100)
+        np.testing.assert_array_equal(value, cand.numpy()[..., 0])
+        cuts = [width * i // 3 for i in range(4)]  # 7 -> slices of 2, 2, 3
+        within = np.concatenate([np.arange(b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
+        np.testing.assert_array_equal(position, np.broadcast_to(within, (4, width)))
+    calls.clear()
+    static = split_scorer(score, 3)(tf.ones([2, 2, 1]))  # fewer candidates than parts: one call
+    assert static.shape == (2, 2) and calls == [(2, 2, 1)]
+    calls.clear()
+    split_scorer(score, 3)(tf.ones([2, 8, 1]))
+    assert [c[1] for c in calls] == [2, 3, 3]  # cuts 0, 2, 5, 8
+
+
+def test_export_rejects_a_score_split_below_one(workdir, evaluation):
+    with pytest.raises(InputError, match="--score-split must be >= 1"):
+        _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": True, "score_split": 0}))
 
 
 @pytest.mark.parametrize("stride", [0, 1, 3])
