@@ -59,7 +59,7 @@ DEFAULT_STEPS = (1, 0, 5)
 DEFAULT_K = 200
 DEFAULT_MODE = "beam_history"
 DEFAULT_HISTORY_STRIDE = 2
-DEFAULT_SCORE_SPLIT = 2
+DEFAULT_SCORE_SPLIT = 1
 EXPORT_DIR = "export"
 
 
@@ -134,6 +134,8 @@ class RetrievalModule(tf.Module):
         self.xla = config.xla
         if config.score_split < 1:
             raise InputError(f"--score-split must be >= 1, got {config.score_split}")
+        if config.score_split > 1 and not config.xla:
+            raise InputError("--score-split splits the XLA scorer's calls: add --xla, or leave it at 1")
         self.score_split = config.score_split
         self.max_len = int(max_len)
         self.history_stride = config.history_stride

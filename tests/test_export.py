@@ -310,9 +310,12 @@ def test_split_scorer_scores_every_candidate_once_in_order():
     assert [c[1] for c in calls] == [2, 3, 3]  # cuts 0, 2, 5, 8
 
 
-def test_export_rejects_a_score_split_below_one(workdir, evaluation):
-    with pytest.raises(InputError, match="--score-split must be >= 1"):
-        _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": True, "score_split": 0}))
+@pytest.mark.parametrize(
+    "xla,split,message", [(True, 0, "--score-split must be >= 1"), (False, 2, "add --xla")]
+)
+def test_export_rejects_a_score_split_it_cannot_use(workdir, evaluation, xla, split, message):
+    with pytest.raises(InputError, match=message):
+        _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": xla, "score_split": split}))
 
 
 @pytest.mark.parametrize("stride", [0, 1, 3])
