@@ -23,10 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 from nann_common import contract as contract_lib
+from nann_common.xla import configure as configure_xla
 from server.features import EmbeddedStore
+
+configure_xla()  # before TensorFlow's first XLA compile, as the server does
+
+import tensorflow as tf  # noqa: E402
 
 CONTROL = {
     "Enter",

@@ -26,6 +26,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nann_common.xla import configure as configure_xla  # noqa: E402
+
+configure_xla()  # before TensorFlow's first XLA compile, as the server does
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

@@ -34,6 +34,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nann_common.xla import configure as configure_xla  # noqa: E402
+
+configure_xla()  # before TensorFlow's first XLA compile, as the server does
+
 import numpy as np  # noqa: E402
 
 from nann_common import contract  # noqa: E402
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer_sizes": list(serving.layer_sizes),
         "cpus": os.cpu_count(),
         "intra_op_threads": args.intra_op_threads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "matmul_peak_gflops": round(peak, 1),
         "flop_per_item": args.flop_per_item,
         "rows": rows,

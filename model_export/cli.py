@@ -338,11 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--score-split",
         type=int,
-        default=1,
+        default=None,
         help="with --xla, every scorer call as this many XLA calls over slices of the candidates "
-        "(default 1): one XLA call runs on one thread, and TensorFlow runs independent calls side "
-        "by side; 2 on 2 cores with the server's --intra-op-threads 1 measured fastest "
-        "(docs/parameters.md)",
+        "(default 2 with --xla, 1 without): one XLA call runs on one thread, and TensorFlow runs "
+        "independent calls side by side; 2 on 2 cores with the server's --intra-op-threads 1 "
+        "measured fastest (docs/parameters.md)",
     )
 
     fe = sub.add_parser(

@@ -59,7 +59,9 @@ DEFAULT_STEPS = (1, 0, 5)
 DEFAULT_K = 200
 DEFAULT_MODE = "beam_history"
 DEFAULT_HISTORY_STRIDE = 2
-DEFAULT_SCORE_SPLIT = 1
+# With --xla the scorer runs in 2 parts, one per core of the 2-core machines measured
+# (docs/parameters.md, "Export: --score-split"); stock ops are not split.
+DEFAULT_XLA_SCORE_SPLIT = 2
 EXPORT_DIR = "export"
 
 
@@ -74,7 +76,7 @@ class ExportConfig:
     mode: str = DEFAULT_MODE
     history_stride: int = DEFAULT_HISTORY_STRIDE  # beam_history: every F-th start node; 0 = none
     xla: bool = False  # compile the scorer with XLA (TF Serving then needs --xla_cpu_compilation_enabled)
-    score_split: int = DEFAULT_SCORE_SPLIT  # xla: every scorer call as this many XLA calls
+    score_split: int | None = None  # xla: every scorer call as this many XLA calls; None: the default
 
 
 def _params_for(start_layer: int, values: tuple[int, ...]) -> tuple[int, ...]:
@@ -132,11 +134,7 @@ class RetrievalModule(tf.Module):
             )
         self.default_mode = config.mode
         self.xla = config.xla
-        if config.score_split < 1:
-            raise InputError(f"--score-split must be >= 1, got {config.score_split}")
-        if config.score_split > 1 and not config.xla:
-            raise InputError("--score-split splits the XLA scorer's calls: add --xla, or leave it at 1")
-        self.score_split = config.score_split
+        self.score_split = score_parts(config)
         self.max_len = int(max_len)
         self.history_stride = config.history_stride
         start_nodes = np.asarray(graph.nodes[start], np.int32)
@@ -409,6 +407,18 @@ def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps, 
     return count
 
 
+def score_parts(config: ExportConfig) -> int:
+    """How many XLA calls each scorer call is: ``config.score_split``, checked, or the default
+    (:data:`DEFAULT_XLA_SCORE_SPLIT` with ``--xla``, else 1)."""
+    if config.score_split is None:
+        return DEFAULT_XLA_SCORE_SPLIT if config.xla else 1
+    if config.score_split < 1:
+        raise InputError(f"--score-split must be >= 1, got {config.score_split}")
+    if config.score_split > 1 and not config.xla:
+        raise InputError("--score-split splits the XLA scorer's calls: add --xla, or leave it at 1")
+    return config.score_split
+
+
 def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     """Writes the next ``DIR/export/<version>/`` SavedModel and returns its path.
 
@@ -423,6 +433,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     """
     from nann_common.graph import load_graph
 
+    config = dataclasses.replace(config, score_split=score_parts(config))  # meta records the parts used
     workdir = Path(workdir)
     model_meta = artifacts.read_meta(workdir / "model", "model")
     emb_meta = artifacts.read_meta(workdir / "embeddings", "embeddings")

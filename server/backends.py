@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from nann_common import contract as contract_lib
+from nann_common import xla
 from nann_common.contract import Query, ServingContract
 from nann_common.errors import NannError
 from server.errors import DeadlineExceeded, InvalidArgument, Unavailable
@@ -151,6 +152,7 @@ class InProcessBackend(Backend):
         return slot
 
     def start(self) -> None:
+        logger.info("XLA_FLAGS: %s", xla.configure())
         import tensorflow as tf
 
         intra, inter = self._threads

@@ -258,13 +258,14 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation, exact_sc
         assert np.mean(overlap) >= 0.99, (ef, steps, np.mean(overlap))
 
 
-@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("split", [None, 3])
 def test_xla_scorer_finds_what_the_stock_one_does(workdir, saved, evaluation, split):
-    """--xla compiles the scorer with XLA, each call in `split` parts; the walk and its answer stay
-    those of the stock export."""
+    """--xla compiles the scorer with XLA, each call in `split` parts (None: the default, 2); the
+    walk and its answer stay those of the stock export."""
     module = _module(
         workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": True, "score_split": split})
     )
+    assert module.score_split == (split or 2)
     # Histories shorter than max_len (the XLA export pads them to one shape): left-aligned rows.
     rows = [row[row >= 0][-30:] for row in original_histories(evaluation, slice(0, 16))]
     history = np.full((len(rows), max(map(len, rows))), -1, np.int64)
@@ -308,6 +309,10 @@ def test_split_scorer_scores_every_candidate_once_in_order():
     calls.clear()
     split_scorer(score, 3)(tf.ones([2, 8, 1]))
     assert [c[1] for c in calls] == [2, 3, 3]  # cuts 0, 2, 5, 8
+
+
+def test_a_stock_export_is_not_split(workdir, evaluation):
+    assert _module(workdir, evaluation, ExportConfig(**EXPORT_PARAMS)).score_split == 1
 
 
 @pytest.mark.parametrize(
