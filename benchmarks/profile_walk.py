@@ -75,9 +75,10 @@ def kind(name: str, op: str) -> str:
     return "other"
 
 
-def session(path: Path):
+def session(path: Path, intra_op_threads: int = 0):
     graph = tf.Graph()
-    sess = tf.compat.v1.Session(graph=graph)
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads)
+    sess = tf.compat.v1.Session(graph=graph, config=config)
     with graph.as_default():
         meta_graph = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(path))
     signature = meta_graph.signature_def[contract_lib.RETRIEVE_SIGNATURE]
@@ -193,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="", help="search mode, e.g. beam_history (default: the export's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="the session's intra-op pool, as the server's flag (0: TensorFlow's choice)",
+    )
+    p.add_argument(
         "--flop-per-item",
         type=float,
         default=82.5e3,
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     store = EmbeddedStore(work / "features")
     item_ids = contract.item_ids()
-    sess, feeds, fetches = session(base / str(version))
+    sess, feeds, fetches = session(base / str(version), args.intra_op_threads)
     options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
     results = {}
     for batch in args.batch:
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/profile_walk.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count()},
+        "intra_op_threads": args.intra_op_threads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "items": contract.num_items,
         "start_layer": contract.start_layer,
         "query": {"k": query.k, "ef": list(query.ef), "steps": list(query.steps), "mode": query.mode},
