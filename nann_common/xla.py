@@ -2,10 +2,10 @@
 
 TensorFlow 2.21's XLA hands every CPU dot to YNNPACK (``--xla_cpu_experimental_ynn_fusion_type``
 defaults to ``individual_dot``). Two benchmark processes serving split XLA exports died of a
-segfault inside XLA's YNNPACK emitter (``xla::cpu::EmitYnnSubgraph``), and the same scorer ran at
-least as fast with the fusion off (docs/parameters.md, "Export: --score-split"). So a process
-that runs an export turns it off, unless its operator set the flag in ``XLA_FLAGS`` already:
-``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot`` brings it back.
+segfault inside XLA's YNNPACK emitter (``xla::cpu::EmitYnnSubgraph``), and the scorer ran as fast
+with the fusion off, within run-to-run noise (docs/parameters.md, "Export: --score-split"). So a
+process that runs an export turns it off, unless its operator set the flag in ``XLA_FLAGS``
+already: ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot`` brings it back.
 
 XLA reads ``XLA_FLAGS`` once, at a process's first compile: call :func:`configure` before it.
 """

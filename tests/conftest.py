@@ -15,6 +15,7 @@ import pytest
 from nann_common.xla import configure as configure_xla
 
 configure_xla()  # the tests compile XLA exports with the server's settings
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # start layer 1, as the tiny graph has few upper-layer nodes; k 10 leaves room in ef_0 = 40.
