@@ -62,6 +62,7 @@ COPY --from=deps-full /opt/venv /opt/venv
 COPY nann/ nann/
 COPY nann_common/ nann_common/
 COPY model_export/ model_export/
+COPY walk/ walk/
 COPY index_builder/ index_builder/
 COPY server/ server/
 COPY scripts/demo.py scripts/demo.py

@@ -6,7 +6,7 @@ index_builder`` (hnswlib as built, ``index_hnswlib/``, and the default refined g
 ``index/``), then analyses every model on the same evaluated users:
 
 - exhaustive top-k from every item's score (recall-all@k);
-- Beam-retrieval replayed over those scores (``model_export.walk_replay``, checked against the
+- Beam-retrieval replayed over those scores (``walk.replay``, checked against the
   SavedModel by the tests) on both graphs, at the paper's query (ef 100,200,400, T 1,1,3) and at a
   hard one (T 1,1,1), where coverage has room to move (recall-retrieval, recall-delta, coverage);
 - Fig. 6: |s_u(e_v) - s_u(e_v + delta)|, delta = eps * U(-1, 1) per coordinate, for v in each
@@ -214,10 +214,10 @@ def recall_delta_se(hit_all: np.ndarray, hit_ret: np.ndarray, draws: int = 1000,
 def analyse(workdir: Path, splits: list[str], users: int, k: int, probe_eps: float) -> tuple[dict, dict]:
     """Every metric of one model: (summary dict, per-user arrays)."""
     from model_export.evaluate import Evaluation, recall_at_k
-    from model_export.retrieval import default_start_layer
-    from model_export.walk_replay import exact_top_k, replay_user
     from nann_common import artifacts
     from nann_common.graph import load_graph
+    from nann_common.graph import start_layer as default_start_layer
+    from walk.replay import exact_top_k, replay_user
 
     histories, targets = [], []
     for split in splits:
@@ -251,7 +251,7 @@ def analyse(workdir: Path, splits: list[str], users: int, k: int, probe_eps: flo
         if folder not in graphs:
             graphs[folder] = load_graph(workdir / folder, verify=False)
         graph = graphs[folder]
-        start = default_start_layer([len(x) for x in graph.nodes], list(ef)[::-1], graph.num_items)
+        start = default_start_layer([len(x) for x in graph.nodes], graph.num_items, list(ef))
         top_down_ef, top_down_steps = list(ef)[-(start + 1) :], list(steps)[-(start + 1) :]
         cover, hit, cost = np.empty(len(targets)), np.empty(len(targets)), np.empty(len(targets))
         for u in range(len(targets)):

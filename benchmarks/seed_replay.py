@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export.walk_replay import exact_top_k, replay_user
+from walk.replay import exact_top_k, replay_user
 
 
 def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start_layer: int, k: int):
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from walk_replay import cached_scores
 
     from model_export.evaluate import Evaluation
-    from model_export.retrieval import default_start_layer
     from nann_common.graph import load_graph
+    from nann_common.graph import start_layer as default_start_layer
 
     ef = [int(x) for x in args.ef.split(",")]
     base_steps = [int(x) for x in args.steps.split(",")]
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     histories = Evaluation(args.workdir, "test", args.users, 0).histories
     reference = exact_top_k(scores, args.k)
     graph = load_graph(args.workdir / "index", verify=False)
-    start_layer = default_start_layer([len(x) for x in graph.nodes], ef[::-1], graph.num_items)
+    start_layer = default_start_layer([len(x) for x in graph.nodes], graph.num_items, ef)
     if start_layer + 1 != len(ef):
         print(f"start layer {start_layer} needs {start_layer + 1} ef and steps values", file=sys.stderr)
         return 2

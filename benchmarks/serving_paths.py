@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model_export.evaluate import Evaluation
     from model_export.export import latest_export
-    from model_export.walk_replay import exact_top_k
+    from walk.replay import exact_top_k
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, type=Path, help="workdir with an export")

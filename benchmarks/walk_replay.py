@@ -4,9 +4,9 @@ Export + evaluate through the SavedModel costs minutes per graph at 1.37M items.
 design it is enough to score every item once per evaluated user (the exhaustive pass,
 cached under ``DIR/eval/scores/``) and replay Algorithms 1 + 2 (DESIGN.md section 2)
 over those scores on each graph. The replay walks exactly as
-``model_export.retrieval.beam_retrieval``: start layer scored whole, its best ef seed the
+``walk.search.beam_retrieval``: start layer scored whole, its best ef seed the
 walk, T rounds per layer expanding the newest beam members, early stop when none enters.
-The replay itself is ``model_export.walk_replay``; a test checks it against the SavedModel. The scores take
+The replay itself is ``walk.replay``; a test checks it against the SavedModel. The scores take
 4 bytes per user and item (1.4 GB for 256 users at 1.37M items).
 
     python benchmarks/walk_replay.py --workdir runs/big/din-fgsm --users 64 \
@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from model_export.walk_replay import exact_scores, exact_top_k, replay_user  # noqa: E402
+from walk.replay import exact_scores, exact_top_k, replay_user  # noqa: E402
 
 
 def cached_scores(workdir: Path, users: int, seed: int = 0, split: str = "test") -> np.ndarray:
@@ -84,8 +84,8 @@ def main() -> int:
     parser.add_argument("--report-below", type=float, default=0.9, help="diagnose users below this coverage")
     parser.add_argument("--out", type=Path, help="JSON file for the per-graph results")
     args = parser.parse_args()
-    from model_export.retrieval import default_start_layer
     from nann_common.graph import load_graph
+    from nann_common.graph import start_layer as default_start_layer
 
     ef = [int(x) for x in args.ef.split(",")]
     steps = [int(x) for x in args.steps.split(",")]
@@ -95,8 +95,7 @@ def main() -> int:
     for index in args.index:
         started = time.perf_counter()
         graph = load_graph(index, verify=False)
-        bottom_up = ef[::-1]
-        start_layer = default_start_layer([len(x) for x in graph.nodes], bottom_up, graph.num_items)
+        start_layer = default_start_layer([len(x) for x in graph.nodes], graph.num_items, ef)
         if start_layer + 1 != len(ef):
             print(f"{index}: start layer {start_layer} needs {start_layer + 1} ef values", file=sys.stderr)
             return 2

@@ -24,7 +24,7 @@ from index_builder.hnsw_state import graph_from_state
 from index_builder.refine import add_in_links, cover_layer, fill_layer0, sparse_items
 from nann_common import artifacts
 from nann_common.errors import ArtifactError
-from nann_common.graph import KIND, Graph, save_graph
+from nann_common.graph import KIND, Graph, save_graph, start_layer
 
 logger = logging.getLogger("index_builder")
 
@@ -33,13 +33,11 @@ EMBEDDINGS_FILE = "item_embeddings.npy"
 ITEM_IDS_FILE = "item_ids.npy"
 DEFAULT_LAYER0_DEGREE = 16
 DEFAULT_LAYER0_IN_DEGREE = 8
-# The exporter starts Beam-retrieval from the highest layer holding at least max(its ef,
-# N / START_SHARE) nodes (model_export.retrieval.default_start_layer). cover_layer tops up
-# the highest layer holding N / START_SHARE, by default to N / COVER_SHARE nodes and at least
-# COVER_MIN (the exporter's default ef of that layer, so that the exporter can start there)
-# where the layer below has four times that many. It samples every item but the SPARSE_SHARE
-# farthest from their DENSITY_K-th nearest neighbour.
-START_SHARE = 2000
+# cover_layer tops up the start layer (nann_common.graph.start_layer: the exporter starts the walk
+# there), by default to N / COVER_SHARE nodes and at least COVER_MIN (more than any default ef of
+# the start layer, so that the exporter can start there) where the layer below has four times
+# that many. It samples every item but the SPARSE_SHARE farthest from their DENSITY_K-th nearest
+# neighbour.
 COVER_SHARE = 200
 COVER_MIN = 400
 DENSITY_K = 8
@@ -97,14 +95,6 @@ class BuildConfig:
             )
         if self.start_nodes is not None and self.start_nodes < 0:
             raise ValueError(f"start_nodes must be >= 0, got {self.start_nodes}")
-
-
-def start_layer(layer_sizes: list[int], num_items: int) -> int:
-    """The highest layer above 0 holding at least N / START_SHARE nodes (0 if none)."""
-    for layer in range(len(layer_sizes) - 1, 0, -1):
-        if layer_sizes[layer] >= num_items / START_SHARE:
-            return layer
-    return 0
 
 
 def load_embeddings(directory: str | Path) -> tuple[np.ndarray, dict]:

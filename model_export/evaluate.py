@@ -19,11 +19,11 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from model_export import retrieval
 from model_export.data import Dataset, load_dataset
 from model_export.model import NannModel, load_model_files
 from nann_common import artifacts, contract
 from nann_common.errors import ArtifactError, InputError
+from walk import search
 
 logger = logging.getLogger(__name__)
 MODES = contract.MODES
@@ -83,7 +83,7 @@ class ExhaustiveSearcher:
     def _search_batch(self, history, k):
         hist_e, mask = self.model.behaviour_embeddings(history)
         state = self.model.user_state(hist_e, mask)
-        ids, scores, _ = retrieval.exhaustive_retrieval(
+        ids, scores, _ = search.exhaustive_retrieval(
             lambda c: self.model.score(state, c), self.item_e, tf.shape(history)[0], k, self.item_chunk
         )
         return scores, ids

@@ -39,10 +39,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from model_export import retrieval
 from model_export.model import NannModel, load_model_files
 from nann_common import artifacts, contract
+from nann_common import graph as graph_lib
 from nann_common.errors import ArtifactError, InputError
+from walk import search
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ EXPORT_DIR = "export"
 class ExportConfig:
     """Query defaults baked into the SavedModel; every one can be overridden per request."""
 
-    start_layer: int | None = None  # None: retrieval.default_start_layer
+    start_layer: int | None = None  # None: nann_common.graph.start_layer
     k: int = DEFAULT_K
     ef: tuple[int, ...] = DEFAULT_EF
     steps: tuple[int, ...] = DEFAULT_STEPS
@@ -113,13 +114,11 @@ class RetrievalModule(tf.Module):
         self.num_items = int(item_e.shape[0])
         self.item_e = tf.Variable(item_e.astype(np.float32), trainable=False, name="item_embeddings")
         self.item_ids = tf.Variable(np.asarray(item_ids, np.int64), trainable=False, name="item_ids")
-        self.graph = retrieval.GraphTensors(list(graph.nodes), list(graph.neighbors), graph.entry_point)
+        self.graph = search.GraphTensors(list(graph.nodes), list(graph.neighbors), graph.entry_point)
         ef0 = config.ef[-1]
         start = config.start_layer
         if start is None:
-            start = retrieval.default_start_layer(
-                self.graph.layer_sizes, tuple(reversed(config.ef)), self.num_items
-            )
+            start = graph_lib.start_layer(self.graph.layer_sizes, self.num_items, config.ef)
         if not 0 <= start < self.graph.num_layers:
             raise InputError(f"--start-layer must be in 0..{self.graph.num_layers - 1}, got {start}")
         self.start_layer = start
@@ -275,15 +274,22 @@ class RetrievalModule(tf.Module):
             score_fn = score
 
         batch = tf.shape(history)[0]
-        # Layer l's parameter is entry start_layer - l of the top-down vectors.
-        ef_by_layer = tf.reverse(ef, [0])
-        steps_by_layer = tf.reverse(steps, [0])
-        ef_list = [ef_by_layer[i] for i in range(self.start_layer + 1)]
-        steps_list = [steps_by_layer[i] for i in range(self.start_layer + 1)]
+        # Top-down, as everywhere: entry 0 is the start layer, the last entry layer 0.
+        ef_list = [ef[i] for i in range(self.start_layer + 1)]
+        steps_list = [steps[i] for i in range(self.start_layer + 1)]
 
         def walk(start, **options):
-            return retrieval.beam_retrieval(
-                self.graph, score_fn, self.item_e, batch, k, ef_list, steps_list, start, **options
+            # A walk that starts lower takes the lower layers' entries.
+            return search.beam_retrieval(
+                self.graph,
+                score_fn,
+                self.item_e,
+                batch,
+                k,
+                ef_list[-start - 1 :],
+                steps_list[-start - 1 :],
+                start,
+                **options,
             )
 
         def beam(marking):
@@ -301,8 +307,8 @@ class RetrievalModule(tf.Module):
             "beam": beam("bitmap"),
             "beam_history": beam_history,
             "beam_sets": beam("sets"),
-            "hnsw": lambda: retrieval.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[0]),
-            "exhaustive": lambda: retrieval.exhaustive_retrieval(score_fn, self.item_e, batch, k),
+            "hnsw": lambda: search.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[-1]),
+            "exhaustive": lambda: search.exhaustive_retrieval(score_fn, self.item_e, batch, k),
         }
         match = tf.equal(mode, list(MODES))
         with tf.control_dependencies(
@@ -431,7 +437,6 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
       ArtifactError: an input artifact is missing, damaged or from another run.
       InputError: bad export parameters.
     """
-    from nann_common.graph import load_graph
 
     config = dataclasses.replace(config, score_split=score_parts(config))  # meta records the parts used
     workdir = Path(workdir)
@@ -439,7 +444,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     emb_meta = artifacts.read_meta(workdir / "embeddings", "embeddings")
     if emb_meta["inputs"].get("model_weights_sha256") != model_meta["files"]["model.weights.h5"]["sha256"]:
         raise ArtifactError(f"{workdir / 'embeddings'} was computed from another model; re-run train")
-    graph = load_graph(workdir / "index", embeddings_digest=artifacts.digest(emb_meta))
+    graph = graph_lib.load_graph(workdir / "index", embeddings_digest=artifacts.digest(emb_meta))
     model = load_model_files(workdir / "model")
     item_e = np.load(workdir / "embeddings" / "item_embeddings.npy")
     item_ids = np.load(workdir / "embeddings" / "item_ids.npy")

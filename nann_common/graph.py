@@ -28,6 +28,31 @@ from nann_common.errors import ArtifactError
 GRAPH_FILE = "graph.npz"
 KIND = "index"
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+# The walk starts from a layer holding about 1/1000 of the corpus, scored whole (the paper's
+# layer 2 at 1.3M items). HNSW's layer l holds about N / M**l nodes, so with M = 32 that is
+# layer 2 (N / 1024); the threshold N / 2000 lets layer 2 qualify at 1.3M items.
+START_SHARE = 2000
+
+
+def start_layer(layer_sizes: list[int], num_items: int, ef: tuple[int, ...] | list[int] = ()) -> int:
+    """The layer the walk starts from: the highest above 0 holding at least
+    max(N / START_SHARE, the ef it would be given) nodes; 0 if none.
+
+    The index builder asks it (without ``ef``) which layer to cover; the exporter asks it
+    (with its default ``ef``) where the walk starts, so the two agree.
+
+    Args:
+      layer_sizes: nodes per layer, layer 0 first.
+      num_items: N, the corpus size.
+      ef: the query's ef per layer, top-down (as every per-layer list in this project); a start
+        layer l gets the entry that starts a list fitted to l + 1 layers (the first entry when
+        the list is shorter).
+    """
+    for layer in range(len(layer_sizes) - 1, 0, -1):
+        own_ef = ef[max(len(ef) - 1 - layer, 0)] if len(ef) else 0
+        if layer_sizes[layer] >= max(own_ef, num_items / START_SHARE):
+            return layer
+    return 0
 
 
 @dataclasses.dataclass(frozen=True)

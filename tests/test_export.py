@@ -234,15 +234,15 @@ def test_command_line_defaults_are_the_export_defaults():
 @pytest.fixture(scope="module")
 def exact_scores(evaluation):
     """Every item's score for every evaluated user (the replay's input)."""
-    from model_export import walk_replay as replay
+    from walk import replay
 
     return replay.exact_scores(evaluation)
 
 
 def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation, exact_scores):
-    """model_export.walk_replay, used to compare graph builds, walks as the SavedModel does."""
-    from model_export import walk_replay as replay
+    """walk.replay, used to compare graph builds, walks as the SavedModel does."""
     from nann_common.graph import load_graph
+    from walk import replay
 
     graph = load_graph(workdir / "index")
     scores = exact_scores
@@ -326,9 +326,9 @@ def test_export_rejects_a_score_split_it_cannot_use(workdir, evaluation, xla, sp
 @pytest.mark.parametrize("stride", [0, 1, 3])
 def test_beam_history_walks_as_the_replay(workdir, evaluation, exact_scores, stride):
     """beam_history (a thinned start layer + the behaviours as layer-0 entry points) scores and
-    finds what model_export.walk_replay's replay of the same walk does, for every stride."""
-    from model_export.walk_replay import replay_user
+    finds what walk.replay's replay of the same walk does, for every stride."""
     from nann_common.graph import load_graph
+    from walk.replay import replay_user
 
     graph = load_graph(workdir / "index")
     module = _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "history_stride": stride}))
@@ -357,8 +357,8 @@ def test_beam_history_walks_as_the_replay(workdir, evaluation, exact_scores, str
 def test_a_layer_with_no_rounds_hands_its_entry_points_down(workdir, evaluation, exact_scores, mode):
     """T 0 on a middle layer: the start layer's best ef go straight to the layer below, as the
     replay walks it (for beam_history: with the behaviours, the replayed "cover>0+behaviours")."""
-    from model_export.walk_replay import replay_user
     from nann_common.graph import load_graph
+    from walk.replay import replay_user
 
     graph = load_graph(workdir / "index")
     assert len(graph.nodes) >= 3, "the test graph needs a layer between the start layer and layer 0"

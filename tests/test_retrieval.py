@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model_export import retrieval
 from model_export.model import PAD, ModelConfig, build_model
+from nann_common.graph import start_layer
+from walk import search
 
 NUM_ITEMS, DEGREE = 240, 6
 
@@ -31,7 +32,7 @@ def setup():
     nodes = [np.arange(NUM_ITEMS, dtype=np.int32), layer1, layer2]
     neighbors = [knn_graph(item_e, n, min(DEGREE, len(n) - 1)) for n in nodes]
     neighbors[1] = np.pad(neighbors[1], [[0, 0], [0, 2]], constant_values=-1)  # -1 padded rows too
-    graph = retrieval.GraphTensors(nodes, neighbors, entry_point=int(layer2[0]))
+    graph = search.GraphTensors(nodes, neighbors, entry_point=int(layer2[0]))
     history = rng.integers(0, NUM_ITEMS, (5, 12)).astype(np.int32)
     history[2, 4:] = PAD
     return model, tf.constant(item_e), graph, history
@@ -48,19 +49,19 @@ def exhaustive(model, item_e, history, k):
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-@pytest.mark.parametrize("marking", retrieval.MARKINGS)
+@pytest.mark.parametrize("marking", search.MARKINGS)
 @pytest.mark.parametrize("start_layer", [1, 2])
 def test_beam_with_ef_covering_the_corpus_equals_exhaustive(setup, marking, start_layer):
     model, item_e, graph, history = setup
     k = 20
-    ids, scores, scored = retrieval.beam_retrieval(
+    ids, scores, scored = search.beam_retrieval(
         graph,
         scorer(model, history),
         item_e,
         len(history),
         k,
-        ef=[NUM_ITEMS] * 3,
-        steps=[NUM_ITEMS] * 3,
+        ef=[NUM_ITEMS] * (start_layer + 1),
+        steps=[NUM_ITEMS] * (start_layer + 1),
         start_layer=start_layer,
         marking=marking,
     )
@@ -69,18 +70,18 @@ def test_beam_with_ef_covering_the_corpus_equals_exhaustive(setup, marking, star
     assert (scored.numpy() <= NUM_ITEMS + graph.layer_sizes[1] + graph.layer_sizes[2]).all()
 
 
-@pytest.mark.parametrize("marking", retrieval.MARKINGS)
+@pytest.mark.parametrize("marking", search.MARKINGS)
 def test_beam_with_default_like_parameters_scores_a_fraction_and_finds_most(setup, marking):
     model, item_e, graph, history = setup
     k = 10
-    ids, _, scored = retrieval.beam_retrieval(
+    ids, _, scored = search.beam_retrieval(
         graph,
         scorer(model, history),
         item_e,
         len(history),
         k,
-        ef=[40, 20, 10],
-        steps=[3, 1, 1],
+        ef=[10, 20, 40],
+        steps=[1, 1, 3],
         start_layer=2,
         marking=marking,
     )
@@ -94,18 +95,18 @@ def test_beam_with_default_like_parameters_scores_a_fraction_and_finds_most(setu
 def test_bitmap_and_set_marking_agree(setup):
     model, item_e, graph, history = setup
     out = [
-        retrieval.beam_retrieval(
+        search.beam_retrieval(
             graph,
             scorer(model, history),
             item_e,
             len(history),
             10,
-            ef=[40, 20, 10],
-            steps=[3, 1, 1],
+            ef=[10, 20, 40],
+            steps=[1, 1, 3],
             start_layer=2,
             marking=m,
         )
-        for m in retrieval.MARKINGS
+        for m in search.MARKINGS
     ]
     np.testing.assert_array_equal(out[0][0].numpy(), out[1][0].numpy())
     np.testing.assert_array_equal(out[0][2].numpy(), out[1][2].numpy())
@@ -115,8 +116,8 @@ def test_a_batch_equals_users_one_by_one(setup):
     model, item_e, graph, history = setup
 
     def run(h):
-        return retrieval.beam_retrieval(
-            graph, scorer(model, h), item_e, len(h), 10, ef=[40, 20, 10], steps=[3, 1, 1], start_layer=2
+        return search.beam_retrieval(
+            graph, scorer(model, h), item_e, len(h), 10, ef=[10, 20, 40], steps=[1, 1, 3], start_layer=2
         )
 
     batch = run(history)
@@ -129,22 +130,25 @@ def test_a_batch_equals_users_one_by_one(setup):
 def test_hnsw_with_ef_covering_the_corpus_equals_exhaustive(setup):
     model, item_e, graph, history = setup
     k = 20
-    ids, _, scored = retrieval.hnsw_retrieval(
-        graph, scorer(model, history), item_e, len(history), k, NUM_ITEMS
-    )
+    ids, _, scored = search.hnsw_retrieval(graph, scorer(model, history), item_e, len(history), k, NUM_ITEMS)
     expected = exhaustive(model, item_e, history, k)
     assert all(set(a) == set(b) for a, b in zip(ids.numpy(), expected, strict=True))
 
 
-def test_default_start_layer_follows_the_corpus_share():
+def test_start_layer_follows_the_corpus_share():
+    ef = [100, 200, 400]  # top-down, as every per-layer list
     # 1.3M items, M = 32: layer 2 holds ~1,270 nodes, about 1/1000 of the corpus.
-    assert retrieval.default_start_layer([1_300_000, 40_600, 1_270, 40], [400, 200, 100], 1_300_000) == 2
-    # Small corpora start lower: layer 1 needs at least ef_1 nodes.
-    assert retrieval.default_start_layer([5_000, 150, 5], [400, 200, 100], 5_000) == 0
-    assert retrieval.default_start_layer([20_000, 620, 20], [400, 200, 100], 20_000) == 1
+    assert start_layer([1_300_000, 40_600, 1_270, 40], 1_300_000, ef) == 2
+    # Small corpora start lower: layer 1 needs at least the ef it would start with (200).
+    assert start_layer([5_000, 150, 5], 5_000, ef) == 0
+    assert start_layer([20_000, 620, 20], 20_000, ef) == 1
+    # Without ef (the index builder's question) only the corpus share counts.
+    assert start_layer([5_000, 150, 2], 5_000) == 1
+    # A list shorter than the layers gives every higher layer its first entry.
+    assert start_layer([1_300_000, 40_600, 1_270, 40], 1_300_000, [2_000, 400]) == 1
 
 
-@pytest.mark.parametrize("marking", retrieval.MARKINGS)
+@pytest.mark.parametrize("marking", search.MARKINGS)
 def test_every_entry_point_is_expanded_even_beyond_ef(marking):
     # Algorithm 2 starts with C = ep: the entry points handed down from the layer above are all
     # expanded, also those that fall outside this layer's beam of ef. Item 1 (score 1) is the
@@ -152,8 +156,8 @@ def test_every_entry_point_is_expanded_even_beyond_ef(marking):
     scores = np.array([5.0, 1.0, 0.0, 0.0, 10.0], np.float32)
     item_e = tf.constant(scores[:, None])
     neighbors = np.array([[2], [4], [0], [0], [1]], np.int32)
-    graph = retrieval.GraphTensors([np.arange(5, dtype=np.int32)], [neighbors], entry_point=0)
-    ids, top, scored = retrieval.search_layer(
+    graph = search.GraphTensors([np.arange(5, dtype=np.int32)], [neighbors], entry_point=0)
+    ids, top, scored = search.search_layer(
         graph,
         0,
         lambda cand: cand[..., 0],
@@ -170,7 +174,7 @@ def test_every_entry_point_is_expanded_even_beyond_ef(marking):
 
 
 def test_candidates_are_scored_on_a_fixed_grid_of_widths(setup):
-    widths = np.array([int(retrieval.padded_width(m)) for m in range(1, 30_000, 7)])
+    widths = np.array([int(search.padded_width(m)) for m in range(1, 30_000, 7)])
     ms = np.arange(1, 30_000, 7)
     assert (widths >= ms).all() and (widths % 64 == 0).all()
     assert (widths[ms > 512] <= 1.27 * ms[ms > 512]).all()  # padding costs at most 27%
@@ -178,7 +182,7 @@ def test_candidates_are_scored_on_a_fixed_grid_of_widths(setup):
     # Padding changes nothing a caller sees: the scores of the real candidates, -inf for -1.
     model, item_e, _, history = setup
     ids = tf.constant(np.array([[3, 7, -1, 11, 5], [0, -1, -1, 2, 9]], np.int32))
-    got = retrieval._score_ids(scorer(model, history[:2]), item_e, ids).numpy()
+    got = search._score_ids(scorer(model, history[:2]), item_e, ids).numpy()
     want = scorer(model, history[:2])(tf.gather(item_e, tf.maximum(ids, 0))).numpy()
     np.testing.assert_allclose(got[ids.numpy() >= 0], want[ids.numpy() >= 0], rtol=1e-5, atol=1e-6)
     assert np.isneginf(got[ids.numpy() < 0]).all()
@@ -188,7 +192,7 @@ def test_visited_bitmap_marks_exactly_the_items_given():
     """Every bit position, the sign bit included, against a python set per row."""
     rng = np.random.default_rng(3)
     num_items, batch = 100, 3  # 4 words per row, the last one partly used
-    marker = retrieval._Bitmap(batch, num_items)
+    marker = search._Bitmap(batch, num_items)
     first = np.full((batch, 40), -1, np.int32)
     first[:, :30] = rng.integers(0, num_items, size=(batch, 30))  # repeats: init takes each once
     first[0, :3] = [31, 63, 31]

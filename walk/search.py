@@ -1,4 +1,4 @@
-"""Graph search with the neural scorer, in stock TensorFlow ops (no custom kernels).
+"""The walk: graph search with the neural scorer, in stock TensorFlow ops (no custom kernels).
 
 Two searches over an extracted HNSW graph, batched over users:
 
@@ -68,19 +68,6 @@ class GraphTensors(tf.Module):
         nb = tf.gather(self.neighbors[layer], rows)
         nb = tf.where(valid[..., None], nb, -1)
         return tf.reshape(nb, [tf.shape(ids)[0], -1])
-
-
-def default_start_layer(layer_sizes: list[int], ef: list[int], num_items: int) -> int:
-    """The highest layer holding at least max(ef of that layer, ~1/1000 of the corpus) nodes.
-
-    HNSW's layer l holds about N / M**l nodes, so with M = 32 the layer with
-    ~1/1000 of the corpus is layer 2 (N / 1024); the threshold uses N / 2000 so
-    that layer 2 qualifies at 1.3M items, as in the paper.
-    """
-    for layer in range(len(layer_sizes) - 1, 0, -1):
-        if layer_sizes[layer] >= max(ef[min(layer, len(ef) - 1)], num_items / 2000):
-            return layer
-    return 0
 
 
 def _compact(ids, sentinel):
@@ -332,8 +319,8 @@ def beam_retrieval(
     """Algorithm 1 with the start layer scored exhaustively.
 
     Args:
-      ef, steps: per layer from layer 0 upward (python lists or 1-D tensors of
-        length >= start_layer + 1); entry ``l`` is ef_l / T_l.
+      ef, steps: per layer, top-down: entry 0 is the start layer, entry ``start_layer`` is
+        layer 0 (python lists or 1-D tensors of length start_layer + 1).
       start_layer: python int; with 0 and ``seeds`` the walk starts from the seeds alone.
       start_nodes: the nodes scored on the start layer (default: all of it).
       seeds: optional [B, L] dense ids (-1 padded), for example the user's own behaviours:
@@ -353,14 +340,15 @@ def beam_retrieval(
         e = tf.gather(item_e, nodes) if start_e is None else tf.convert_to_tensor(start_e)
         start_scores = score_fn(tf.broadcast_to(e[None], [batch, tf.shape(nodes)[0], tf.shape(item_e)[1]]))
         ids = tf.broadcast_to(nodes[None], tf.shape(start_scores))
-        ids, scores = _fit_width(ids, start_scores, ef[start_layer])
+        ids, scores = _fit_width(ids, start_scores, ef[0])
         scored = tf.fill([batch], tf.shape(nodes)[0])
     for layer in range(0 if seeded_start else start_layer - 1, -1, -1):
         if layer == 0 and seeds is not None:
             ids, scores, n = _add_seeds(score_fn, item_e, ids, scores, seeds, graph.num_items)
             scored += n
+        top_down = start_layer - layer
         ids, scores, n = search_layer(
-            graph, layer, score_fn, item_e, ids, scores, ef[layer], steps[layer], marking
+            graph, layer, score_fn, item_e, ids, scores, ef[top_down], steps[top_down], marking
         )
         scored += n
     top_s, top = tf.math.top_k(scores, k=k)

@@ -1,6 +1,6 @@
 """A numpy replay of Beam-retrieval (Algorithms 1 + 2) over exact scores, for graph design.
 
-It walks exactly as :func:`model_export.retrieval.beam_retrieval` does (start layer scored
+It walks exactly as :func:`walk.search.beam_retrieval` does (start layer scored
 whole, its best ef seed the walk, T rounds per layer expanding the newest beam members, early
 stop when none enters); a test checks it against the SavedModel. ``benchmarks/walk_replay.py``
 uses it to compare graph builds in seconds instead of an export per graph.
@@ -28,7 +28,7 @@ def replay_user(
     ``ef`` and ``steps`` run top-down from ``start_layer`` to layer 0, as the export's.
     ``start_nodes`` replaces the start layer's nodes; ``seeds`` (dense ids, -1 ignored) join the
     entry points of layer 0, and with ``start_layer`` 0 are its only ones, as
-    :func:`model_export.retrieval.beam_retrieval`'s arguments of the same names.
+    :func:`walk.search.beam_retrieval`'s arguments of the same names.
     """
     seeds = None if seeds is None else np.unique(seeds[seeds >= 0])
     if start_layer == 0 and seeds is not None:
