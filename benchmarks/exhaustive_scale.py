@@ -5,31 +5,21 @@ against, so its cost decides how many users an evaluation can afford. The
 figures do not depend on the weights, so the model here is untrained (random
 init) with the same shape as a trained one.
 
-    python benchmarks/exhaustive_scale.py --items 1300000 --users 32 --arch din
+    python -m benchmarks.exhaustive_scale --items 1300000 --users 32 --arch din
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import resource
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from model_export.evaluate import ExhaustiveSearcher  # noqa: E402
-from model_export.model import PAD, ModelConfig, build_model  # noqa: E402
-from model_export.train import item_embedding_matrix  # noqa: E402
+from benchmarks import harness
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--items", type=int, default=1_300_000)
     parser.add_argument("--categories", type=int, default=3000)
     parser.add_argument("--users", type=int, default=32, help="users timed (after one warm-up batch)")
@@ -37,7 +27,11 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--user-batch", type=int, default=16)
     parser.add_argument("--item-chunk", type=int, default=8192)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    harness.import_tensorflow()
+    from model_export.evaluate import ExhaustiveSearcher
+    from model_export.model import PAD, ModelConfig, build_model
+    from model_export.train import item_embedding_matrix
 
     rng = np.random.default_rng(0)
     model = build_model(
@@ -54,26 +48,24 @@ def main() -> int:
     started = time.perf_counter()
     searcher.search(histories[args.user_batch :], args.k)
     seconds = time.perf_counter() - started
+    peak_rss = harness.peak_rss_mib()
     result = {
-        "command": "python benchmarks/exhaustive_scale.py " + " ".join(sys.argv[1:]),
+        **harness.result_header(__file__, argv),
         "arch": args.arch,
         "items": args.items,
         "users": args.users,
         "k": args.k,
-        "cpus": os.cpu_count(),
         "item_embedding_seconds": round(embed_seconds, 1),
         "seconds": round(seconds, 2),
         "users_per_second": round(args.users / seconds, 3),
         "pairs_per_second": round(args.users * args.items / seconds),
         "hours_for_10000_users": round(10_000 / (args.users / seconds) / 3600, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss,
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "benchmarks" / "results" / f"exhaustive_{args.arch}_{args.items}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_result(harness.RESULTS / f"exhaustive_{args.arch}_{args.items}.json", result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -16,9 +16,9 @@ index_builder`` (hnswlib as built, ``index_hnswlib/``, and the default refined g
 Every figure comes with its standard error over users (recall-delta's by bootstrap). Writes
 ``benchmarks/results/fgsm_<name>.{json,md}`` and ``fgsm_<name>_fig6.png``, ``fgsm_<name>_fig7a.png``.
 
-    python benchmarks/fgsm_study.py --name synthetic --interactions runs/fgsm/synA.csv \\
+    python -m benchmarks.fgsm_study --name synthetic --interactions runs/fgsm/synA.csv \\
         --root runs/fgsm/synA --train-args="--epochs 1 --examples-per-epoch 150000"
-    python benchmarks/fgsm_study.py --name movielens --interactions DATA/movielens-small \\
+    python -m benchmarks.fgsm_study --name movielens --interactions DATA/movielens-small \\
         --root runs/fgsm/ml --train-args="--format movielens --epochs 2" --runs table3 sweep-coarse \\
         --splits test valid --users 0
 
@@ -33,23 +33,16 @@ benchmarks/results/README.md.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
 import os
-import platform
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks import harness
+
 PAPER_EPS = 3e-4  # the paper's eps for UserBehavior
 SWEEP_EPS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 RUN_SETS = {
@@ -82,19 +75,13 @@ def run_name(arch: str, eps: float, weight: float, seed: int, direction: str) ->
     return name + (f"-seed{seed}" if seed else "")
 
 
-def run(args: list[str]) -> None:
-    print("+ python", " ".join(args), flush=True)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-
-
 def train_and_index(workdir: Path, interactions: str, train_args: list[str], spec) -> dict:
     """Trains one model and builds its two graphs unless they exist; returns the seconds each took."""
     arch, eps, weight, seed, direction = spec
     seconds = {}
     if not (workdir / "model" / "meta.json").is_file():
         started = time.perf_counter()
-        run(
+        harness.run_python(
             ["-m", "model_export", "train", "--interactions", interactions, "--workdir", str(workdir)]
             + ["--arch", arch, "--fgsm-eps", str(eps), "--fgsm-weight", str(weight), "--seed", str(seed)]
             + ["--fgsm-direction", direction]
@@ -105,10 +92,10 @@ def train_and_index(workdir: Path, interactions: str, train_args: list[str], spe
         for folder in ("index_hnswlib", "index"):
             shutil.rmtree(workdir / folder, ignore_errors=True)
     if not (workdir / "index_hnswlib" / "meta.json").is_file():
-        run(["-m", "index_builder", "--workdir", str(workdir), "--threads", "1", *RAW_GRAPH])
+        harness.run_python(["-m", "index_builder", "--workdir", str(workdir), "--threads", "1", *RAW_GRAPH])
         os.replace(workdir / "index", workdir / "index_hnswlib")
     if not (workdir / "index" / "meta.json").is_file():
-        run(["-m", "index_builder", "--workdir", str(workdir), "--threads", "1"])
+        harness.run_python(["-m", "index_builder", "--workdir", str(workdir), "--threads", "1"])
     return seconds
 
 
@@ -515,8 +502,9 @@ def markdown(report: dict, per_user: dict, plots: list[str]) -> str:
         f"## FGSM study, {report['name']}: {first['users']} users ({'+'.join(report['splits'])}), "
         f"{first['items']:,} items, k {k}",
         "",
-        f"Command: `{report['command']}` ({report['date']}). Figures are % ± one standard error over users "
-        "(recall-Δ's by bootstrap); 'Δ vs no FGSM' is the paired difference on the same users. Queries: "
+        f"Command: `{report['command']}` ({report['date_utc'][:10]}). Figures are % ± one standard error "
+        "over users (recall-Δ's by bootstrap); 'Δ vs no FGSM' is the paired difference on the same users. "
+        "Queries: "
         + "; ".join(
             f"{label} = {q['graph']}/ ef {q['ef']} T {q['steps']}" for label, q in report["queries"].items()
         )
@@ -641,15 +629,15 @@ def markdown(report: dict, per_user: dict, plots: list[str]) -> str:
 
 
 def write_report(report: dict, per_user: dict) -> None:
-    stem = RESULTS / f"fgsm_{report['name']}"
+    stem = harness.RESULTS / f"fgsm_{report['name']}"
     plots = _plots(report, per_user, stem)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_result(stem.with_suffix(".json"), report)
     stem.with_suffix(".md").write_text(markdown(report, per_user, plots))
     print(f"wrote {stem}.json, {stem}.md, " + ", ".join(plots), flush=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--name", required=True, help="corpus label in the result files")
     parser.add_argument("--interactions", required=True, help="the corpus (as train's --interactions)")
     parser.add_argument("--root", required=True, type=Path, help="folder for one workdir per model")
@@ -670,7 +658,7 @@ def main() -> int:
         "--probe-eps", type=float, default=1e-2, help="Fig. 6's eps, one for every model (default 1e-2)"
     )
     parser.add_argument("--train-only", action="store_true", help="train and index, analyse nothing")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     specs = list(dict.fromkeys(s for name in args.runs for s in RUN_SETS[name]))
     train_args = args.train_args.split()
@@ -681,6 +669,7 @@ def main() -> int:
         seconds[workdir.name] = train_and_index(workdir, args.interactions, train_args, spec)
     if args.train_only:
         return 0
+    harness.import_tensorflow()
     rows, per_user = [], {}
     for i, spec in enumerate(specs, 1):
         workdir = args.root / run_name(*spec)
@@ -694,10 +683,8 @@ def main() -> int:
             flush=True,
         )
     report = {
+        **harness.result_header(__file__, argv),
         "name": args.name,
-        "command": "python benchmarks/fgsm_study.py " + shlex.join(sys.argv[1:]),
-        "date": dt.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "splits": args.splits,
         "k": args.k,
         "queries": {label: {"graph": g, "ef": ef, "steps": t} for label, (g, ef, t) in QUERIES.items()},
@@ -708,4 +695,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

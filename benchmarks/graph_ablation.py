@@ -8,7 +8,7 @@ evaluate``, at the export's default parameters and at the paper's. Each variant
 lives in ``DIR/ablation/<variant>/``, which links to DIR's dataset, model,
 embeddings and cached exhaustive reference; DIR itself is not touched.
 
-    python benchmarks/graph_ablation.py --workdir runs/big/din-fgsm --users 64 --out benchmarks/results/x.json
+    python -m benchmarks.graph_ablation --workdir runs/big/din-fgsm --users 64 --out benchmarks/results/x.json
 
 ``--seeds 1 2 --defaults-only`` instead builds the default graph with other seeds
 of hnswlib's level generator: the spread between builds of one model.
@@ -16,14 +16,10 @@ of hnswlib's level generator: the spread between builds of one model.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import harness
 
 # (folder under DIR/ablation, label in the report, index_builder flags)
 VARIANTS = [
@@ -33,14 +29,6 @@ VARIANTS = [
     ("cover", "+ start-layer cover (default)", []),
 ]
 SETTINGS = {"export default": None, "paper default": ("100,200,400", "1,1,3")}
-
-
-def run(args: list[str]) -> str:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True
-    )
-    return done.stdout
 
 
 def linked_workdir(workdir: Path, folder: str, seed: int) -> Path:
@@ -54,30 +42,30 @@ def linked_workdir(workdir: Path, folder: str, seed: int) -> Path:
     return target
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument("--users", type=int, default=64, help="seeded test users evaluated")
     parser.add_argument("--threads", type=int, default=1, help="index build threads (1: reproducible)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file written with the rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="level-generator seeds (default 0)")
     parser.add_argument("--defaults-only", action="store_true", help="build only the default graph")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rows = []
     variants = VARIANTS[-1:] if args.defaults_only else VARIANTS
     for seed, (folder, name, flags) in ((s, v) for s in args.seeds for v in variants):
         work = linked_workdir(args.workdir, folder, seed)
         threads = ["--threads", str(args.threads), "--seed", str(seed)]
-        run(["-m", "index_builder", "--workdir", str(work), *threads, *flags])
-        run(["-m", "model_export", "export", "--workdir", str(work)])
+        harness.run_python(["-m", "index_builder", "--workdir", str(work), *threads, *flags])
+        harness.run_python(["-m", "model_export", "export", "--workdir", str(work)])
         meta = json.loads((work / "index" / "meta.json").read_text())
         for setting, values in SETTINGS.items():
             cmd = ["-m", "model_export", "evaluate", "--workdir", str(work), "--mode", "beam"]
             cmd += ["--users", str(args.users), "--json"]
             if values:
                 cmd += ["--ef", values[0], "--steps", values[1]]
-            result = json.loads(run(cmd).strip().splitlines()[-1])
+            result = json.loads(harness.run_python(cmd).strip().splitlines()[-1])
             row = {
                 "graph": name,
                 "seed": seed,
@@ -93,17 +81,11 @@ def main() -> int:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "command": "python benchmarks/graph_ablation.py " + " ".join(sys.argv[1:]),
-        "users": args.users,
-        "cpus": os.cpu_count(),
-        "rows": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report = {**harness.result_header(__file__, argv), "users": args.users, "rows": rows}
+    harness.write_result(args.out, report)
     print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

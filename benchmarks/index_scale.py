@@ -6,36 +6,27 @@ Gaussian clusters (a few thousand centres, like the categories) rather than
 uniform noise. The figures decide whether the full 4M-item corpus fits the
 machine.
 
-    python benchmarks/index_scale.py --items 1300000 --threads 2
+    python -m benchmarks.index_scale --items 1300000 --threads 2
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
 import os
-import resource
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from index_builder.build import BuildConfig, build_hnsw, extract_graph, log_layers  # noqa: E402
+from benchmarks import harness
+from index_builder.build import BuildConfig, build_hnsw, extract_graph, log_layers
 
 
 def rss_mib() -> float:
     """Current resident memory (the peak is in getrusage; this shows what is still held)."""
     with open("/proc/self/statm") as f:
         return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-
-
-def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def clustered_embeddings(items: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -53,8 +44,8 @@ def clustered_embeddings(items: int, dim: int, clusters: int, seed: int) -> np.n
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--items", type=int, default=1_300_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--m", type=int, default=32)
@@ -62,7 +53,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clusters", type=int, default=3000, help="cluster centres (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     config = BuildConfig(m=args.m, ef_construction=args.ef_construction, threads=args.threads, seed=args.seed)
@@ -76,12 +67,12 @@ def main() -> int:
     del vectors
     gc.collect()
     index_rss_mib = rss_mib()  # hnswlib's own memory, embeddings freed
-    peak_after_build = peak_rss_mib()
+    peak_after_build = harness.peak_rss_mib()
 
     started = time.perf_counter()
     graph = extract_graph(index)
     extract_seconds = time.perf_counter() - started
-    peak_after_extract = peak_rss_mib()
+    peak_after_extract = harness.peak_rss_mib()
     del index
     gc.collect()
     graph_bytes = sum(a.nbytes for a in (*graph.nodes, *graph.neighbors, graph.levels))
@@ -89,14 +80,13 @@ def main() -> int:
     log_layers(stats, args.m)
 
     result = {
-        "command": "python benchmarks/index_scale.py " + " ".join(sys.argv[1:]),
+        **harness.result_header(__file__, argv),
         "items": args.items,
         "dim": args.dim,
         "m": args.m,
         "ef_construction": args.ef_construction,
         "threads": args.threads,
         "clusters": args.clusters,
-        "cpus": os.cpu_count(),
         "build_seconds": round(build_seconds, 1),
         "items_per_second": round(args.items / build_seconds),
         "extract_seconds": round(extract_seconds, 2),
@@ -111,11 +101,9 @@ def main() -> int:
         "layers": stats,
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "benchmarks" / "results" / f"index_{args.items}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_result(harness.RESULTS / f"index_{args.items}.json", result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -7,28 +7,18 @@ export (for Redis, first loads the snapshot into ``--redis``), runs locust's ste
 candidate stream consumed to its end). The highest QPS whose p99 is within the objective is
 reported for ``--p99-ms`` and for each of ``--also-p99-ms``.
 
-    python benchmarks/loadtest_steps.py --workdir W --stores embedded redis \\
+    python -m benchmarks.loadtest_steps --workdir W --stores embedded redis \\
         --step-users 1,2,3,4,6,8 --step-s 40 --out benchmarks/results/loadtest_1365188.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from benchmarks import harness
+from benchmarks.serving_paths import parse_path
 from loadtest import run as loadrun
-from loadtest.stack import Process, free_port
-from server.client import wait_serving
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_paths import parse_path  # noqa: E402
 
 
 def best_within(steps: list[dict], p99_ms: float) -> dict | None:
@@ -52,36 +42,25 @@ def remove_keys(url: str) -> None:
     client.close()
 
 
-def run_store(args, store: str, out: Path) -> dict:
+def run_store(args, store: str, out: Path) -> list[dict]:
     work = Path(args.workdir).resolve()
-    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
     features = f"embedded:{work / 'features'}"
     if store == "redis":
         features = args.redis
         started = time.monotonic()
-        subprocess.run(
-            [sys.executable, "-m", "server.features", "load", "--snapshot", str(work / "features")]
-            + ["--redis", args.redis],
-            check=True,
-            cwd=ROOT,
-            env={**os.environ, **env},
-            timeout=1800,
-        )
+        load = ["-m", "server.features", "load", "--snapshot", str(work / "features"), "--redis", args.redis]
+        print(harness.run_python(load, env={"TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=1800), end="")
         print(f"loaded the snapshot into {args.redis} in {time.monotonic() - started:.0f} s", flush=True)
-    port, metrics_port = free_port(), free_port()
-    target = f"127.0.0.1:{port}"
-    server = Process(
-        "server",
-        [sys.executable, "-m", "server", "--model", str(work / "export"), "--features", features]
-        + ["--port", str(port), "--metrics-port", str(metrics_port), "--reload-interval-s", "0"]
-        + [f"--{flag}" for flag in args.server_flag],
+    server = harness.Server(
+        work / "export",
+        features,
         out / f"server-{store}.log",
-        env,
+        ["--reload-interval-s", "0", *(f"--{flag}" for flag in args.server_flag)],
     )
+    target = server.target
     results = []
     try:
-        if not wait_serving(target, timeout=900, alive=server.alive):
-            raise SystemExit(f"server did not become SERVING:\n{server.tail()}")
+        server.wait_serving(timeout=900)
         for label, mode, ef, steps in args.path or [("default", "", (), ())]:
             name = store if not args.path else f"{store}-{label}"
             load_args = loadrun.parse_args(
@@ -127,11 +106,11 @@ def run_store(args, store: str, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, __file__)
     p.add_argument("--workdir", required=True, help="workdir with export/ and features/")
     p.add_argument("--stores", nargs="+", default=["embedded", "redis"], choices=["embedded", "redis"])
     p.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="Redis the snapshot is loaded into")
-    p.add_argument("--step-users", type=loadrun._csv_ints, default=[1, 2, 3, 4, 6, 8])
+    p.add_argument("--step-users", type=harness.ints, default=(1, 2, 3, 4, 6, 8))
     p.add_argument("--step-s", type=float, default=40.0)
     p.add_argument("--settle-s", type=float, default=5.0)
     p.add_argument("--p99-ms", type=float, default=50.0)
@@ -159,15 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     reports.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = [r for store in args.stores for r in run_store(args, store, reports)]
-    meta = json.loads(
-        max((Path(args.workdir) / "export").glob("[0-9]*"), key=lambda d: int(d.name))
-        .joinpath("meta.json")
-        .read_text()
-    )
+    meta = harness.export_meta(args.workdir)
     record = {
-        "command": "python benchmarks/loadtest_steps.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        **harness.result_header(__file__, argv),
         "started_unix": started,
         "items": meta["serving"]["num_items"],
         "query": {
@@ -181,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_flags": args.server_flag,
         "results": results,
     }
-    out_file.write_text(json.dumps(record, indent=2) + "\n")
+    harness.write_result(out_file, record)
     for r in results:
         print(f"\n{r['store']} store, {r['path']} ({r['mode']}, ef {r['ef']}, T {r['steps']}):")
         print(f"{'users':>6} {'QPS':>7} {'p50 ms':>8} {'p99 ms':>8} {'fail':>5}")
@@ -199,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -7,30 +7,22 @@ neighbour gather, visited marking, dedupe, scoring, top-k, control flow, other. 
 inter-op threads, so the op times of a section can add up to more than its wall time; both are
 reported. Medians over ``--queries`` traced queries after ``--warmup`` untraced ones.
 
-    python benchmarks/profile_walk.py --workdir W --batch 1 32 \\
+    python -m benchmarks.profile_walk --workdir W --batch 1 32 \\
         --out benchmarks/results/profile_walk_1365188.json
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
-import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import harness
 from nann_common import contract as contract_lib
-from nann_common.xla import configure as configure_xla
 from server.features import EmbeddedStore
-
-configure_xla()  # before TensorFlow's first XLA compile, as the server does
-
-import tensorflow as tf  # noqa: E402
 
 CONTROL = {
     "Enter",
@@ -73,18 +65,6 @@ def kind(name: str, op: str) -> str:
     if op in ("GatherV2", "ResourceGather", "GatherNd"):
         return "gather"
     return "other"
-
-
-def session(path: Path, intra_op_threads: int = 0):
-    graph = tf.Graph()
-    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads)
-    sess = tf.compat.v1.Session(graph=graph, config=config)
-    with graph.as_default():
-        meta_graph = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(path))
-    signature = meta_graph.signature_def[contract_lib.RETRIEVE_SIGNATURE]
-    feeds = {n: graph.get_tensor_by_name(t.name) for n, t in signature.inputs.items()}
-    fetches = {n: graph.get_tensor_by_name(t.name) for n, t in signature.outputs.items()}
-    return sess, feeds, fetches
 
 
 def histories(store: EmbeddedStore, item_ids: np.ndarray, max_len: int, batch: int, seed: int) -> np.ndarray:
@@ -169,28 +149,15 @@ def median_profile(profiles: list[dict]) -> dict:
     return out
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """float32 n x n matmul throughput in TensorFlow on this machine (the best of ``repeats``)."""
-    a = tf.random.normal([n, n])
-    b = tf.random.normal([n, n])
-    tf.matmul(a, b).numpy()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tf.matmul(a, b).numpy()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, __file__)
     p.add_argument("--workdir", required=True, help="workdir with export/ and features/")
     p.add_argument("--version", type=int, help="export version (default: the newest)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--queries", type=int, default=10, help="traced queries per batch size")
     p.add_argument("--warmup", type=int, default=20, help="untraced queries first, per batch size")
-    p.add_argument("--ef", default="", help="per-layer ef (default: the export's)")
-    p.add_argument("--steps", default="", help="per-layer T (default: the export's)")
+    p.add_argument("--ef", type=harness.ints, default=(), help="per-layer ef (default: the export's)")
+    p.add_argument("--steps", type=harness.ints, default=(), help="per-layer T (default: the export's)")
     p.add_argument("--mode", default="", help="search mode, e.g. beam_history (default: the export's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -208,16 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, help="JSON file")
     args = p.parse_args(argv)
+    tf = harness.import_tensorflow()
     work = Path(args.workdir)
     base = work / "export"
     version = args.version or max(contract_lib.versions(base))
     contract = contract_lib.load_contract(base / str(version), verify=False)
-    query = contract.resolve(
-        0, [int(x) for x in args.ef.split(",") if x], [int(x) for x in args.steps.split(",") if x], args.mode
-    )
+    query = contract.resolve(0, list(args.ef), list(args.steps), args.mode)
     store = EmbeddedStore(work / "features")
     item_ids = contract.item_ids()
-    sess, feeds, fetches = session(base / str(version), args.intra_op_threads)
+    sess, feeds, fetches = harness.load_session(base / str(version), args.intra_op_threads)
     options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
     results = {}
     for batch in args.batch:
@@ -246,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             "sections": sections,
         }
         print_batch(batch, results[f"batch_{batch}"], contract.start_layer)
-    peak = matmul_peak_gflops()
+    peak = harness.matmul_peak_gflops()
     for r in results.values():
         r["scorer_share_of_peak"] = r["scorer_gflops"] / peak
         r["query_share_of_peak"] = r["query_gflops"] / peak
@@ -255,20 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['items_scored_per_user']:.0f} items/user: scorer {scorer}, whole query {whole}")
     print(f"float32 2048x2048 matmul peak: {peak:.1f} GFLOP/s")
     record = {
-        "matmul_peak_gflops": peak,
+        **harness.result_header(__file__, argv, matmul_peak=peak),
         "flop_per_item": args.flop_per_item,
-        "command": "python benchmarks/profile_walk.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count()},
         "intra_op_threads": args.intra_op_threads,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "items": contract.num_items,
         "start_layer": contract.start_layer,
         "query": {"k": query.k, "ef": list(query.ef), "steps": list(query.steps), "mode": query.mode},
         "note": "loop i is the i-th layer walked top-down: loop 0 = layer start_layer - 1, last = layer 0",
         "results": results,
     }
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    harness.write_result(args.out, record)
     print(f"written: {args.out}")
     return 0
 
@@ -293,4 +255,4 @@ def print_batch(batch: int, r: dict, start_layer: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

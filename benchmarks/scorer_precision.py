@@ -9,29 +9,19 @@ scores are from the float32 ones (largest difference, and how many of the float3
 the bfloat16 top 10%). It also prints which instruction set oneDNN dispatches its matmuls to
 (``ONEDNN_VERBOSE``): AMX, AVX-512 BF16 or plain AVX.
 
-    python benchmarks/scorer_precision.py --workdir W --out benchmarks/results/scorer_precision.json
+    python -m benchmarks.scorer_precision --workdir W --out benchmarks/results/scorer_precision.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-from nann_common.xla import configure as configure_xla  # noqa: E402
-
-configure_xla()  # before TensorFlow's first XLA compile, as the server does
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from benchmarks import harness
 
 ISA_PROBE = (
     "import tensorflow as tf; tf.matmul(tf.ones([64, 64], tf.bfloat16), tf.ones([64, 64], tf.bfloat16))"
@@ -40,16 +30,23 @@ ISA_PROBE = (
 
 def onednn_isa() -> str:
     """The ``isa:`` line oneDNN prints for a bfloat16 matmul in a fresh process."""
-    env = {**os.environ, "ONEDNN_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run(
-        [sys.executable, "-c", ISA_PROBE], capture_output=True, text=True, env=env, timeout=300
-    ).stdout
+    try:
+        out = harness.run_python(
+            ["-c", ISA_PROBE],
+            echo=False,
+            quiet=True,
+            env={"ONEDNN_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"},
+            timeout=300,
+        )
+    except subprocess.SubprocessError as e:
+        return f"the oneDNN probe failed ({e})"
     lines = [line for line in out.splitlines() if ",isa:" in line]
     return lines[0].split(",isa:", 1)[1] if lines else "oneDNN printed no isa line (oneDNN off?)"
 
 
 def score_in(model, state: dict, cand, dtype):
     """model.score (din) with the matmul inputs and weights in ``dtype``; float32 elsewhere."""
+    import tensorflow as tf
 
     def c(t):
         return tf.cast(t, dtype)
@@ -86,10 +83,7 @@ def timed(fn, x, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model_export.evaluate import Evaluation
-    from model_export.model import load_model_files
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, __file__)
     p.add_argument("--workdir", required=True, type=Path, help="workdir with model/ and embeddings/")
     p.add_argument(
         "--shapes",
@@ -100,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flop-per-item", type=float, default=82.5e3)
     p.add_argument("--out", type=Path, help="JSON file written")
     args = p.parse_args(argv)
+    tf = harness.import_tensorflow()
+    from model_export.evaluate import Evaluation
+    from model_export.model import load_model_files
 
     isa = onednn_isa()
     print(f"oneDNN: {isa}", flush=True)
@@ -148,18 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    result = {
-        "command": "python benchmarks/scorer_precision.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "onednn_isa": isa,
-        "cpus": os.cpu_count(),
-        "rows": rows,
-    }
+    result = {**harness.result_header(__file__, argv), "onednn_isa": isa, "rows": rows}
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        harness.write_result(args.out, result)
         print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

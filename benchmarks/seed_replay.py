@@ -16,20 +16,20 @@ seed the walk, and reports coverage@k (mean and lowest user) against the items s
 
 Layer-0 rounds are ``--steps``' last value unless ``--t0`` lists others to try.
 
-    python benchmarks/seed_replay.py --workdir W --users 128 --fractions 2 4 8 --t0 3 5 \\
+    python -m benchmarks.seed_replay --workdir W --users 128 --fractions 2 4 8 --t0 3 5 \\
         --out benchmarks/results/seed_replay_1365188.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import harness
+from benchmarks.walk_replay import cached_scores
 from walk.replay import exact_top_k, replay_user
 
 
@@ -47,27 +47,24 @@ def replay(graph, scores, history, variant: str, fraction: int, ef, steps, start
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, __file__)
     p.add_argument(
         "--workdir", required=True, type=Path, help="workdir with dataset, model, embeddings, index"
     )
     p.add_argument("--users", type=int, default=128, help="seeded test users (as evaluate --users)")
     p.add_argument("--k", type=int, default=200)
-    p.add_argument("--ef", default="100,200,400", help="top-down from the start layer")
-    p.add_argument("--steps", default="1,1,3", help="top-down from the start layer")
+    p.add_argument("--ef", type=harness.ints, default="100,200,400", help="top-down from the start layer")
+    p.add_argument("--steps", type=harness.ints, default="1,1,3", help="top-down from the start layer")
     p.add_argument("--fractions", type=int, nargs="+", default=[2, 4, 8], help="start-layer cuts to try")
     p.add_argument("--t0", type=int, nargs="*", default=[], help="layer-0 rounds to try besides --steps'")
     p.add_argument("--out", type=Path, help="JSON file")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from walk_replay import cached_scores
-
+    harness.import_tensorflow()
     from model_export.evaluate import Evaluation
     from nann_common.graph import load_graph
     from nann_common.graph import start_layer as default_start_layer
 
-    ef = [int(x) for x in args.ef.split(",")]
-    base_steps = [int(x) for x in args.steps.split(",")]
+    ef, base_steps = list(args.ef), list(args.steps)
     scores = cached_scores(args.workdir, args.users)
     histories = Evaluation(args.workdir, "test", args.users, 0).histories
     reference = exact_top_k(scores, args.k)
@@ -97,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 "variant": name,
                 "ef": ef,
                 "steps": steps,
-                "coverage": round(float(np.mean(cover)), 4),
-                "coverage_sem": round(float(np.std(cover, ddof=1) / np.sqrt(len(cover))), 4),
-                "min_coverage": round(float(np.min(cover)), 4),
-                "users_below_0.9": int(np.sum(np.array(cover) < 0.9)),
+                **harness.coverage_stats(cover),
                 "items_scored": round(float(np.mean(cost)), 1),
                 "scored_percent": round(100 * float(np.mean(cost)) / graph.num_items, 3),
                 "seconds": round(time.perf_counter() - started, 1),
@@ -113,23 +107,17 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "command": "python benchmarks/seed_replay.py "
-                    + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "items": graph.num_items,
-                    "users": len(scores),
-                    "start_layer": start_layer,
-                    "start_nodes": len(graph.nodes[start_layer]),
-                    "rows": rows,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        result = {
+            **harness.result_header(__file__, argv),
+            "items": graph.num_items,
+            "users": len(scores),
+            "start_layer": start_layer,
+            "start_nodes": len(graph.nodes[start_layer]),
+            "rows": rows,
+        }
+        harness.write_result(args.out, result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

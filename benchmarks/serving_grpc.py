@@ -6,7 +6,7 @@ subprocess per (store, micro-batching) setting, driven by C client threads that 
 the whole candidate stream. Users are a seeded sample of the feature snapshot; every
 setting sees the same users in the same order.
 
-    python benchmarks/serving_grpc.py --workdir W [--concurrency 1 4 16] [--requests 400]
+    python -m benchmarks.serving_grpc --workdir W [--concurrency 1 4 16] [--requests 400]
         [--stores embedded redis] [--max-batch 1 16] [--batch-window-ms 0] [--redis redis://127.0.0.1:6379/14]
 
 Prints a table and writes ``benchmarks/results/serving_grpc_<items>.json``. Overhead is
@@ -16,14 +16,7 @@ from the server's own stage histograms (everything but ``model_call``).
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
-import os
-import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,13 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks import harness
 
 
 def summarize(latencies: list[float], wall: float) -> dict:
@@ -92,20 +79,16 @@ def drive(concurrency: int, jobs: list, fn) -> dict:
 def model_alone(
     export: Path, histories: list[np.ndarray], concurrency: list[int], requests: int, warmup: int
 ):
-    import tensorflow as tf
-
     from nann_common import contract
 
     c = contract.latest_contract(export)
-    model = tf.saved_model.load(str(c.path))
-    fn = model.signatures["retrieve"]
+    run = harness.function_runner(c.path)
     q = c.resolve()
     item_ids = c.item_ids()
 
     def one(h):
         known, _ = contract.known_history(item_ids, h, c.max_len)
-        inputs = contract.retrieve_inputs(known[None, :], q)
-        fn(**{name: tf.constant(value) for name, value in inputs.items()})["item_ids"].numpy()
+        run(contract.retrieve_inputs(known[None, :], q))
 
     for h in histories[:warmup]:
         one(h)
@@ -158,39 +141,14 @@ def serve(args, store: str, max_batch: int, users: list[str], concurrency: list[
     import grpc
 
     from nann.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
-    from server.client import wait_serving
 
-    port, mport = free_port(), free_port()
     features = f"embedded:{args.workdir / 'features'}" if store == "embedded" else args.redis
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "--model",
-        str(args.workdir / "export"),
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(mport),
-        "--features",
-        features,
-        "--max-batch",
-        str(max_batch),
-        "--batch-window-ms",
-        str(args.batch_window_ms),
-        "--workers",
-        str(max(concurrency) + 2),
-        "--log-level",
-        "WARNING",
-    ]
-    log = open(Path(tempfile.gettempdir()) / f"serving_grpc_{store}_batch{max_batch}.log", "w")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    )
-    target = f"127.0.0.1:{port}"
-    try:
-        if not wait_serving(target, 600, alive=lambda: proc.poll() is None):
-            raise SystemExit(f"server failed to start; see {log.name}")
+    flags = ["--max-batch", str(max_batch), "--batch-window-ms", str(args.batch_window_ms)]
+    flags += ["--workers", str(max(concurrency) + 2), "--log-level", "WARNING"]
+    log = Path(tempfile.gettempdir()) / f"serving_grpc_{store}_batch{max_batch}.log"
+    with harness.Server(args.workdir / "export", features, log, flags) as server:
+        server.wait_serving(600)
+        mport, target = server.metrics_port, server.target
         channels = [grpc.insecure_channel(target) for _ in range(max(concurrency))]
         stubs = [retrieval_pb2_grpc.RetrieverStub(c) for c in channels]
         local = threading.local()
@@ -220,16 +178,10 @@ def serve(args, store: str, max_batch: int, users: list[str], concurrency: list[
         for c in channels:
             c.close()
         return results
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=400, help="timed requests per concurrency level")
@@ -239,9 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-window-ms", type=float, default=0.0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out-dir", type=Path, default=harness.RESULTS)
     args = parser.parse_args(argv)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
 
     users_all = np.load(args.workdir / "features" / "users.npy")
     offsets = np.load(args.workdir / "features" / "offsets.npy")
@@ -268,31 +219,24 @@ def main(argv=None) -> int:
         for max_batch in args.max_batch:
             served[f"{store}/max-batch{max_batch}"] = serve(args, store, max_batch, users, args.concurrency)
 
-    meta = json.loads(
-        max((args.workdir / "export").glob("[0-9]*"), key=lambda p: int(p.name))
-        .joinpath("meta.json")
-        .read_text()
-    )["serving"]
+    meta = harness.export_meta(args.workdir)["serving"]
     overhead = {
         key: {n: round(r[n]["p50_ms"] - alone[n]["p50_ms"], 3) for n in r if n in alone}
         for key, r in served.items()
     }
     result = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
-        "date": dt.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+        **harness.result_header(__file__, argv),
         "items": meta["num_items"],
         "defaults": meta["defaults"],
         "model_alone": alone,
         "served": served,
         "p50_overhead_ms_vs_model_alone": overhead,
     }
-    out = args.out_dir / f"serving_grpc_{meta['num_items']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = harness.write_result(args.out_dir / f"serving_grpc_{meta['num_items']}.json", result)
     print("p50 overhead (end to end - model alone), ms:", json.dumps(overhead))
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

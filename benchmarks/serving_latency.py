@@ -11,85 +11,35 @@ per query. Two ways to run the signature (``--runner``):
 * ``function``: ``tf.saved_model.load`` and a call of the signature's concrete
   function, as a Python process embedding the model would.
 
-    python benchmarks/serving_latency.py --workdir runs/w --batch 1 --queries 50
+    python -m benchmarks.serving_latency --workdir runs/w --batch 1 --queries 50
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
 
-from nann_common.xla import configure as configure_xla  # noqa: E402
+from benchmarks import harness
 
-configure_xla()  # before TensorFlow's first XLA compile, as the server does
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from model_export.data import load_dataset  # noqa: E402
-from model_export.export import latest_export  # noqa: E402
-from nann_common import artifacts  # noqa: E402
+RUNNERS = {"session": harness.session_runner, "function": harness.function_runner}
 
 
-def parse_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
-def function_runner(path: Path):
-    fn = tf.saved_model.load(str(path)).signatures["retrieve"]
-
-    def run(inputs: dict) -> dict:
-        out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
-        return {name: value.numpy() for name, value in out.items()}
-
-    return run
-
-
-def session_runner(path: Path, bf16: bool = False, intra_op_threads: int = 0):
-    """Session.run on the signature's tensors; ``bf16`` turns on grappler's oneDNN bfloat16
-    rewrite (matmuls and their neighbours in bfloat16 where the CPU has the instructions);
-    ``intra_op_threads`` as TF Serving's --tensorflow_intra_op_parallelism (0: TensorFlow's
-    choice; the first session of a process sets the intra-op pool for all of them)."""
-    graph = tf.Graph()
-    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads)
-    if bf16:
-        config.graph_options.rewrite_options.auto_mixed_precision_onednn_bfloat16 = 1  # ON
-    session = tf.compat.v1.Session(graph=graph, config=config)
-    with graph.as_default():
-        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(path))
-    signature = meta_graph.signature_def["retrieve"]
-    feeds = {name: graph.get_tensor_by_name(t.name) for name, t in signature.inputs.items()}
-    fetches = {name: graph.get_tensor_by_name(t.name) for name, t in signature.outputs.items()}
-
-    def run(inputs: dict) -> dict:
-        return session.run(fetches, {feeds[name]: value for name, value in inputs.items()})
-
-    return run
-
-
-RUNNERS = {"session": session_runner, "function": function_runner}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="users per request")
     parser.add_argument("--queries", type=int, default=40, help="timed requests per setting (after warm-up)")
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument(
         "--table1-ef",
-        type=parse_list,
+        type=harness.ints,
         default=(200, 500, 1000),
         help="Table 1 beam widths, top-down (trimmed or extended to the export's depth)",
     )
-    parser.add_argument("--table1-steps", type=parse_list, default=(1, 1, 2))
+    parser.add_argument("--table1-steps", type=harness.ints, default=(1, 1, 2))
     parser.add_argument(
         "--beam-also",
         nargs="*",
@@ -113,7 +63,11 @@ def main() -> int:
         default=["session"],
         help="how the signature is run (default session: Session.run, as TF Serving does)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    harness.import_tensorflow()
+    from model_export.data import load_dataset
+    from model_export.export import latest_export
+    from nann_common import artifacts
 
     path = latest_export(args.workdir)
     meta = artifacts.read_meta(path, "saved_model")
@@ -130,7 +84,7 @@ def main() -> int:
     settings = [
         ("beam", tuple(params["ef"]), tuple(params["steps"]), "default"),
         *(
-            ("beam", fit(parse_list(ef)), fit(parse_list(steps)), f"ef {ef} T {steps}")
+            ("beam", fit(harness.ints(ef)), fit(harness.ints(steps)), f"ef {ef} T {steps}")
             for ef, steps in (setting.split("/") for setting in args.beam_also)
         ),
         ("beam", fit(args.table1_ef), fit(args.table1_steps), "table1"),
@@ -184,21 +138,19 @@ def main() -> int:
                 f"{runner}, batch {batch}: beam (defaults) is {speedup:.1f}x faster than exhaustive (median)"
             )
     result = {
-        "command": "python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]),
+        **harness.result_header(__file__, argv),
         "export": str(path.relative_to(Path(args.workdir))),
         "items": dataset.num_items,
         "start_layer": params["start_layer"],
         "layer_sizes": params["layer_sizes"],
-        "cpus": os.cpu_count(),
-        # oneDNN kernels are on by default on CPUs with AVX512_VNNI and newer; "0" turns them off.
-        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
         "rows": rows,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"serving_latency_{dataset.num_items}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = harness.write_result(
+        args.out or harness.RESULTS / f"serving_latency_{dataset.num_items}.json", result
+    )
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -17,7 +17,7 @@ Per path and batch it reports:
   its standard error, the lowest user and the count below 0.9 (the exact scores are cached in
   the workdir's eval/scores/, shared with ``seed_replay.py``).
 
-    python benchmarks/serving_paths.py --workdir W \\
+    python -m benchmarks.serving_paths --workdir W \\
         --path beam=beam/100,200,400/1,1,3 --path history=beam_history/100,200,400/1,1,5
 """
 
@@ -25,22 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-from nann_common.xla import configure as configure_xla  # noqa: E402
-
-configure_xla()  # before TensorFlow's first XLA compile, as the server does
-
-import numpy as np  # noqa: E402
-
-from nann_common import contract  # noqa: E402
+from benchmarks import harness
+from benchmarks.walk_replay import cached_scores
+from nann_common import contract
+from walk.replay import exact_top_k
 
 
 def parse_path(text: str) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
@@ -52,7 +45,7 @@ def parse_path(text: str) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
             f"expected LABEL=MODE/EF/T, e.g. a=beam/100,200,400/1,1,3; got {text!r}"
         )
     mode, ef, steps = parts
-    return label, mode, tuple(int(x) for x in ef.split(",")), tuple(int(x) for x in steps.split(","))
+    return label, mode, harness.ints(ef), harness.ints(steps)
 
 
 BF16 = "+bf16"
@@ -77,15 +70,7 @@ def describe(label: str, version: int, query: contract.Query) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from profile_walk import matmul_peak_gflops
-    from serving_latency import session_runner
-    from walk_replay import cached_scores
-
-    from model_export.evaluate import Evaluation
-    from model_export.export import latest_export
-    from walk.replay import exact_top_k
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, __file__)
     p.add_argument("--workdir", required=True, type=Path, help="workdir with an export")
     p.add_argument("--path", type=parse_path, action="append", required=True, help="LABEL=MODE/EF/T")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="users per request")
@@ -97,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "--flop-per-item",
         type=float,
         default=82.5e3,
-        help="scorer FLOP per candidate (din at the default sizes, see profile_walk.py)",
+        help="scorer FLOP per candidate (din at the default sizes, see benchmarks.profile_walk)",
     )
     p.add_argument(
         "--intra-op-threads",
@@ -108,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, help="JSON file written")
     args = p.parse_args(argv)
+    harness.import_tensorflow()
+    from model_export.evaluate import Evaluation
+    from model_export.export import latest_export
 
     path = latest_export(args.workdir)
     base = path.parent
@@ -118,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             contracts[version] = contract.load_contract(base / str(version), verify=False)
         runner = (version, label.endswith(BF16))
         if runner not in runners:
-            runners[runner] = session_runner(
+            runners[runner] = harness.session_runner(
                 base / str(version), bf16=runner[1], intra_op_threads=args.intra_op_threads
             )
         try:
@@ -145,16 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                 **describe(label, runner[0], query),
                 "batch": "coverage",
                 "users": len(cover),
-                "coverage": round(float(cover.mean()), 4),
-                "coverage_sem": round(float(cover.std(ddof=1) / np.sqrt(len(cover))), 4),
-                "min_coverage": round(float(cover.min()), 4),
-                "users_below_0.9": int((cover < 0.9).sum()),
+                **harness.coverage_stats(cover),
                 "scored_per_user": round(float(np.mean(cost)), 1),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    peak = matmul_peak_gflops()
+    peak = harness.matmul_peak_gflops()
     print(f"float32 2048x2048 matmul: {peak:.1f} GFLOP/s", flush=True)
     rng = np.random.default_rng(0)
     for batch in args.batch:
@@ -199,24 +184,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{base['users_per_s']} ({r['users_per_s'] / base['users_per_s']:.2f}x)"
             )
     result = {
-        "command": "python benchmarks/serving_paths.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        **harness.result_header(__file__, argv, matmul_peak=peak),
         "export": str(path.relative_to(args.workdir)),
         "items": serving.num_items,
         "start_layer": serving.start_layer,
         "layer_sizes": list(serving.layer_sizes),
-        "cpus": os.cpu_count(),
         "intra_op_threads": args.intra_op_threads,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "matmul_peak_gflops": round(peak, 1),
         "flop_per_item": args.flop_per_item,
         "rows": rows,
     }
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        harness.write_result(args.out, result)
         print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,21 +1,20 @@
-"""Times model_export.synthetic.synthesize at a given scale and records the figures as JSON."""
+"""Times model_export.synthetic.synthesize at a given scale and records the figures as JSON.
+
+Writes benchmarks/results/synthesize_<items>x<users>.json (``--results-dir``); the CSV itself is
+deleted unless ``--keep``.
+
+    python -m benchmarks.synthesize_scale --items 4000000 --users 1000000
+"""
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import json
 import logging
-import os
-import platform
-import resource
-import shlex
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks import harness
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class Config:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--items", type=int, required=True, help="catalogue size (paper scale: 4000000)")
     parser.add_argument("--users", type=int, required=True, help="number of users (paper scale: 1000000)")
     parser.add_argument("--categories", type=int, default=None, help="default: round(items / 440)")
@@ -41,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--out-dir", type=Path, default=Path(tempfile.gettempdir()), help="where the CSV is written"
     )
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS, help="where the JSON goes")
     parser.add_argument("--keep", action="store_true", help="keep the generated CSV")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = parser.parse_args(argv)
@@ -58,14 +57,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
 
 
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def run(config: Config, command: str) -> dict:
-    import numpy as np
-
+def run(config: Config, argv: list[str] | None = None) -> dict:
     from model_export.synthetic import synthesize
 
     out = config.out_dir / f"synthesize_{config.items}x{config.users}_seed{config.seed}.csv"
@@ -82,10 +74,9 @@ def run(config: Config, command: str) -> dict:
     finally:
         if not config.keep:
             out.unlink(missing_ok=True)
-    peak = _peak_rss_bytes()
+    peak = harness.peak_rss_bytes()
     return {
-        "command": command,
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **harness.result_header(__file__, argv),
         "items_requested": config.items,
         "users": config.users,
         "categories_requested": summary["categories_requested"],
@@ -100,29 +91,18 @@ def run(config: Config, command: str) -> dict:
         "peak_rss_bytes": peak,
         "peak_rss_mib": round(peak / 2**20, 1),
         "csv_kept": str(out) if config.keep else None,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-        },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    args = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "benchmarks/synthesize_scale.py", *args])
-    result = run(config, command)
-    config.results_dir.mkdir(parents=True, exist_ok=True)
-    path = config.results_dir / f"synthesize_{config.items}x{config.users}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    result = run(config, argv)
+    path = harness.write_result(config.results_dir / f"synthesize_{config.items}x{config.users}.json", result)
     print(json.dumps(result, indent=2))
     print(f"written to {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

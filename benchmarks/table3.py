@@ -8,33 +8,21 @@ Every training run is its own process (`python -m model_export train`), so
 its throughput and peak memory are its own. A popularity baseline (the 200
 items most frequent among training users) is reported beside the models.
 
-    python benchmarks/table3.py --dataset synthetic --items 100000 --users 20000
-    python benchmarks/table3.py --dataset movielens --epochs 3
+    python -m benchmarks.table3 --dataset synthetic --items 100000 --users 20000
+    python -m benchmarks.table3 --dataset movielens --epochs 3
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
-import os
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks import harness
+
+ROOT = harness.ROOT
 ARCHS = ("two_sided", "dnn", "din")
-
-
-def run(cmd: list[str]) -> str:
-    print("+", " ".join(cmd), flush=True)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True)
-    return done.stdout
 
 
 def popularity_recall(workdir: Path, k: int, users: int, seed: int) -> float:
@@ -56,9 +44,8 @@ def bench(name: str, interactions: str, fmt: str, args) -> dict:
     for arch in ARCHS:
         for eps in (0.0, args.fgsm_eps):
             workdir = base / f"{arch}-eps{eps:g}"
-            run(
+            harness.run_python(
                 [
-                    sys.executable,
                     "-m",
                     "model_export",
                     "train",
@@ -79,9 +66,8 @@ def bench(name: str, interactions: str, fmt: str, args) -> dict:
                     "--restart",
                 ]
             )
-            out = run(
+            out = harness.run_python(
                 [
-                    sys.executable,
                     "-m",
                     "model_export",
                     "evaluate",
@@ -135,8 +121,8 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--dataset", choices=("synthetic", "movielens"), required=True)
     parser.add_argument("--items", type=int, default=100_000, help="synthetic corpus size")
     parser.add_argument("--users", type=int, default=20_000, help="synthetic users")
@@ -146,15 +132,13 @@ def main() -> int:
     parser.add_argument("--fgsm-eps", type=float, default=3e-4)
     parser.add_argument("--eval-users", type=int, default=1000, help="seeded sample of test users (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    command = "python benchmarks/table3.py " + " ".join(sys.argv[1:])
+    args = parser.parse_args(argv)
 
     if args.dataset == "synthetic":
         csv = ROOT / "runs" / "table3" / f"synthetic-{args.items}x{args.users}.csv"
         if not csv.exists():
-            run(
+            harness.run_python(
                 [
-                    sys.executable,
                     "-m",
                     "model_export",
                     "synthesize",
@@ -173,19 +157,13 @@ def main() -> int:
         result = bench(f"synthetic-{args.items}x{args.users}", str(csv), "userbehavior", args)
     else:
         result = bench("movielens-small", args.movielens, "movielens", args)
-    result.update(
-        command=command,
-        epochs=args.epochs,
-        date=dt.datetime.now(dt.UTC).isoformat(),
-        machine={"cpus": os.cpu_count(), "platform": platform.platform()},
-    )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"table3_{result['dataset']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result, command))
-    print(markdown(result, command))
+    result = {**harness.result_header(__file__, argv), **result, "epochs": args.epochs}
+    stem = harness.RESULTS / f"table3_{result['dataset']}"
+    harness.write_result(stem.with_suffix(".json"), result)
+    stem.with_suffix(".md").write_text(markdown(result, result["command"]))
+    print(markdown(result, result["command"]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

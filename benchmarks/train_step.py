@@ -6,29 +6,24 @@ model, and reports the median step. With dense Adam the step grows with the
 number of items (every row of the id table and its moments is rewritten each
 step); with LazyAdam it should not.
 
-    python benchmarks/train_step.py --items 50000 1365188 --steps 10
+    python -m benchmarks.train_step --items 50000 1365188 --steps 10
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from model_export.model import ModelConfig, build_model  # noqa: E402
-from model_export.train import OPTIMIZERS, make_optimizer, make_train_step  # noqa: E402
+from benchmarks import harness
 
 
 def time_steps(items: int, optimizer: str, arch: str, fgsm_eps: float, steps: int, batch: int) -> list[float]:
+    tf = harness.import_tensorflow()
+    from model_export.model import ModelConfig, build_model
+    from model_export.train import make_optimizer, make_train_step
+
     rng = np.random.default_rng(0)
     categories = 5000
     model = build_model(ModelConfig(items, categories, arch=arch), rng.integers(0, categories, items))
@@ -54,19 +49,30 @@ def time_steps(items: int, optimizer: str, arch: str, fgsm_eps: float, steps: in
     return times
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--items", type=int, nargs="+", default=[50_000, 1_365_188])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        help="from model_export.train.OPTIMIZERS, e.g. lazy_adam adam (default: all of them)",
+    )
     parser.add_argument("--arch", default="din", choices=("din", "dnn", "two_sided"))
     parser.add_argument("--fgsm-eps", type=float, default=3e-4)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per setting (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=128)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    harness.import_tensorflow()
+    from model_export.train import OPTIMIZERS
+
+    unknown = sorted(set(args.optimizers or ()) - set(OPTIMIZERS))
+    if unknown:
+        parser.error(f"--optimizers: unknown {', '.join(unknown)}; known: {', '.join(OPTIMIZERS)}")
+    optimizers = args.optimizers or list(OPTIMIZERS)
 
     rows = []
     for items in args.items:
-        for optimizer in args.optimizers:
+        for optimizer in optimizers:
             times = time_steps(items, optimizer, args.arch, args.fgsm_eps, args.steps, args.batch_size)
             median = float(np.median(times))
             rows.append(
@@ -79,20 +85,17 @@ def main() -> int:
             )
             print(json.dumps(rows[-1]), flush=True)
     result = {
-        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
+        **harness.result_header(__file__, argv),
         "arch": args.arch,
         "fgsm_eps": args.fgsm_eps,
         "batch_size": args.batch_size,
         "steps": args.steps,
-        "cpus": os.cpu_count(),
         "rows": rows,
     }
-    out = ROOT / "benchmarks" / "results" / f"train_step_{args.arch}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = harness.write_result(harness.RESULTS / f"train_step_{args.arch}.json", result)
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -9,8 +9,8 @@ walk, T rounds per layer expanding the newest beam members, early stop when none
 The replay itself is ``walk.replay``; a test checks it against the SavedModel. The scores take
 4 bytes per user and item (1.4 GB for 256 users at 1.37M items).
 
-    python benchmarks/walk_replay.py --workdir runs/big/din-fgsm --users 64 \
-        --index runs/big/din-fgsm/index runs/big/din-fgsm/ablation/cover-seed2/index \
+    python -m benchmarks.walk_replay --workdir runs/big/din-fgsm --users 64 \\
+        --index runs/big/din-fgsm/index runs/big/din-fgsm/ablation/cover-seed2/index \\
         [--ef 100,200,400 --steps 1,1,3] [--out benchmarks/results/replay.json]
 
 For each graph it prints the mean coverage@k, the % of the corpus scored, and the users
@@ -20,7 +20,6 @@ best score among the nodes that link to them).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from walk.replay import exact_scores, exact_top_k, replay_user  # noqa: E402
+from benchmarks import harness
+from walk.replay import exact_scores, exact_top_k, replay_user
 
 
 def cached_scores(workdir: Path, users: int, seed: int = 0, split: str = "test") -> np.ndarray:
@@ -69,8 +67,8 @@ def diagnose(graph, scores: np.ndarray, missed: np.ndarray, kth: float) -> dict:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument(
         "--workdir", required=True, type=Path, help="trained workdir (dataset, model, embeddings)"
     )
@@ -78,17 +76,17 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=64, help="seeded test users (as evaluate --users)")
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument(
-        "--ef", default="100,200,400", help="top-down from the start layer (default: export's)"
+        "--ef", type=harness.ints, default="100,200,400", help="top-down from the start layer"
     )
-    parser.add_argument("--steps", default="1,1,3", help="top-down from the start layer (default: export's)")
+    parser.add_argument("--steps", type=harness.ints, default="1,1,3", help="top-down from the start layer")
     parser.add_argument("--report-below", type=float, default=0.9, help="diagnose users below this coverage")
     parser.add_argument("--out", type=Path, help="JSON file for the per-graph results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    harness.import_tensorflow()
     from nann_common.graph import load_graph
     from nann_common.graph import start_layer as default_start_layer
 
-    ef = [int(x) for x in args.ef.split(",")]
-    steps = [int(x) for x in args.steps.split(",")]
+    ef, steps = list(args.ef), list(args.steps)
     scores = cached_scores(args.workdir, args.users)
     reference = exact_top_k(scores, args.k)
     results = []
@@ -129,11 +127,9 @@ def main() -> int:
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"command": "python benchmarks/walk_replay.py " + " ".join(sys.argv[1:]), "rows": results}
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        harness.write_result(args.out, {**harness.result_header(__file__, argv), "rows": results})
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -284,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write ONE SavedModel: e_v + HNSW graph + scorer + Beam-retrieval",
         description="Reads model/, embeddings/ and index/ (python -m index_builder) and writes "
-        "DIR/export/<next version>/, a SavedModel of stock TensorFlow ops that TF Serving can load. "
-        "The values given here are the defaults of the serving_default signature; the retrieve "
-        "signature takes them per request.",
+        "DIR/export/<next version>/, one SavedModel for both serving paths: its serving_default "
+        "and retrieve signatures are stock TensorFlow ops that TF Serving loads, and retrieve_xla "
+        "(the same walk with the scorer compiled by XLA) is what the in-process server runs. The "
+        "values given here are the query defaults; the retrieve signatures take them per request.",
     )
     ex.add_argument("--workdir", required=True, help="a workdir with model/, embeddings/ and index/")
     ex.add_argument(
@@ -330,19 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
         "layers and starts from the behaviours alone",
     )
     ex.add_argument(
-        "--xla",
-        action="store_true",
-        help="compile the scorer with XLA (jit_compile): faster in process; stock TF Serving runs "
-        "such an export only with --xla_cpu_compilation_enabled, so export without it for TF Serving",
-    )
-    ex.add_argument(
         "--score-split",
-        type=int,
-        default=None,
-        help="with --xla, every scorer call as this many XLA calls over slices of the candidates "
-        "(default 2 with --xla, 1 without): one XLA call runs on one thread, and TensorFlow runs "
-        "independent calls side by side; 2 on 2 cores with the server's --intra-op-threads 1 "
-        "measured fastest (docs/parameters.md)",
+        type=_positive_int,
+        default=2,
+        help="the XLA signature (retrieve_xla, what the in-process server runs) scores each call "
+        "as this many XLA calls over slices of the candidates (default 2): one XLA call runs on "
+        "one thread, and TensorFlow runs independent calls side by side; 2 on 2 cores with one "
+        "intra-op thread measured fastest (docs/parameters.md). retrieve, for TF Serving, is not split",
     )
 
     fe = sub.add_parser(
@@ -509,7 +504,6 @@ def _export(args) -> int:
             steps=args.steps,
             mode=args.mode,
             history_stride=args.history_stride,
-            xla=args.xla,
             score_split=args.score_split,
         ),
     )

@@ -17,6 +17,13 @@ Signatures (dense and batch-major, as TF Serving's batching needs):
   ``steps`` int32 [B, S+1] from the start layer S down to layer 0 (the paper's
   {ef_2, ef_1, ef_0}), ``mode`` string [B] in beam | beam_history | beam_sets | hnsw |
   exhaustive.
+* ``retrieve_xla``: ``retrieve`` with the scorer compiled by XLA (``jit_compile``), in
+  ``score_split`` parts; the same answers, about twice as fast on CPU. The in-process server
+  runs it; stock TF Serving runs the two signatures above, which hold no XLA op (it would need
+  ``--xla_cpu_compilation_enabled`` for this one). All signatures share the variables.
+* ``warmup_xla``: ``history`` [B, L] -> compiles and runs the XLA scorer at every shape
+  ``retrieve_xla`` can meet at batch B (padded to a power of two), so that no call after the
+  warm-up pays for a compilation.
 
 Modes: ``beam`` scores the whole start layer and walks down (Algorithm 1). ``beam_history``
 scores every ``history_stride``-th start node only, walks down the same way, and adds the
@@ -60,9 +67,11 @@ DEFAULT_STEPS = (1, 0, 5)
 DEFAULT_K = 200
 DEFAULT_MODE = "beam_history"
 DEFAULT_HISTORY_STRIDE = 2
-# With --xla the scorer runs in 2 parts, one per core of the 2-core machines measured
+# The XLA scorer runs in 2 parts, one per core of the 2-core machines measured
 # (docs/parameters.md, "Export: --score-split"); stock ops are not split.
 DEFAULT_XLA_SCORE_SPLIT = 2
+# Batch sizes the XLA scorer is compiled for: a batch is padded up to the next of these.
+XLA_BATCHES = tuple(2**i for i in range(11))
 EXPORT_DIR = "export"
 
 
@@ -76,8 +85,7 @@ class ExportConfig:
     steps: tuple[int, ...] = DEFAULT_STEPS
     mode: str = DEFAULT_MODE
     history_stride: int = DEFAULT_HISTORY_STRIDE  # beam_history: every F-th start node; 0 = none
-    xla: bool = False  # compile the scorer with XLA (TF Serving then needs --xla_cpu_compilation_enabled)
-    score_split: int | None = None  # xla: every scorer call as this many XLA calls; None: the default
+    score_split: int = DEFAULT_XLA_SCORE_SPLIT  # retrieve_xla: every scorer call as this many XLA calls
 
 
 def _params_for(start_layer: int, values: tuple[int, ...]) -> tuple[int, ...]:
@@ -132,8 +140,9 @@ class RetrievalModule(tf.Module):
                 f"--history-stride must be >= 0 (0: behaviours only), got {config.history_stride}"
             )
         self.default_mode = config.mode
-        self.xla = config.xla
-        self.score_split = score_parts(config)
+        if config.score_split < 1:
+            raise InputError(f"--score-split must be >= 1, got {config.score_split}")
+        self.score_split = config.score_split
         self.max_len = int(max_len)
         self.history_stride = config.history_stride
         start_nodes = np.asarray(graph.nodes[start], np.int32)
@@ -155,19 +164,73 @@ class RetrievalModule(tf.Module):
                 f"k must be in 1..min(ef_0, items) = 1..{min(ef0, self.num_items)}, got {config.k}"
             )
 
-        depth = start + 1
-        self.serve_default = tf.function(
-            self._serve_default, input_signature=[tf.TensorSpec([None, None], tf.int64, name="history")]
+        # The XLA scorer is traced once, with a fixed signature: every call site in every signature
+        # calls this one function, so one compilation per shape serves them all and a warm-up
+        # that meets every shape leaves nothing to compile.
+        dim = int(item_e.shape[1])
+        self._xla_score = tf.function(
+            self._score,
+            jit_compile=True,
+            input_signature=[self._state_spec(dim), tf.TensorSpec([None, None, dim], tf.float32)],
         )
-        self.retrieve = tf.function(
-            self._retrieve_signature,
-            input_signature=[
-                tf.TensorSpec([None, None], tf.int64, name="history"),
-                tf.TensorSpec([None], tf.int32, name="k"),
-                tf.TensorSpec([None, depth], tf.int32, name="ef"),
-                tf.TensorSpec([None, depth], tf.int32, name="steps"),
-                tf.TensorSpec([None], tf.string, name="mode"),
-            ],
+        self.xla_max_width, self.xla_widths = xla_shapes(
+            num_items=self.num_items,
+            ef=self.default_ef,
+            max_len=self.max_len,
+            max_degree=max(int(nb.shape[1]) for nb in graph.neighbors),
+            fixed=[len(start_nodes), len(thin)] if start > 0 else [],
+        )
+
+        depth = start + 1
+        history = tf.TensorSpec([None, None], tf.int64, name="history")
+        params = [
+            history,
+            tf.TensorSpec([None], tf.int32, name="k"),
+            tf.TensorSpec([None, depth], tf.int32, name="ef"),
+            tf.TensorSpec([None, depth], tf.int32, name="steps"),
+            tf.TensorSpec([None], tf.string, name="mode"),
+        ]
+        self.serve_default = tf.function(self._serve_default, input_signature=[history])
+        self.retrieve = tf.function(self._retrieve_stock, input_signature=params)
+        self.retrieve_xla = tf.function(self._retrieve_xla, input_signature=params)
+        self.warmup_xla = tf.function(self._warmup_xla, input_signature=[history])
+
+    def _state_spec(self, dim: int) -> dict:
+        """The user state's structure with the batch and history axes left open."""
+        probe_len = 7919  # a history length no other axis has, so that its axes can be found
+        state = self.model.user_state(tf.zeros([1, probe_len, dim]), tf.ones([1, probe_len], tf.bool))
+        return {
+            name: tf.TensorSpec([None] + [None if d == probe_len else d for d in t.shape[1:]], t.dtype)
+            for name, t in state.items()
+        }
+
+    def _score(self, state, cand):
+        return self.model.score(state, cand)
+
+    def _fast_score(self, state, cand):
+        """The XLA scorer for candidates [B, N, D] up to :attr:`xla_max_width`, the stock one beyond.
+
+        The batch is padded to the next of :data:`XLA_BATCHES` and the candidates are scored in
+        ``score_split`` parts that TensorFlow's inter-op threads run side by side (one XLA call
+        runs mostly on one thread). Wider calls (only a request with a much larger ef makes one)
+        run the stock scorer rather than compile a new shape while a caller waits.
+        """
+
+        def compiled():
+            batch = tf.shape(cand)[0]
+            at = tf.minimum(tf.searchsorted(XLA_BATCHES, tf.reshape(batch, [1])), len(XLA_BATCHES) - 1)
+            pad = tf.maximum(tf.gather(XLA_BATCHES, at)[0], batch) - batch
+            padded = {
+                name: tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)) for name, t in state.items()
+            }
+            part = split_scorer(lambda c: self._xla_score(padded, c), self.score_split)
+            return part(tf.pad(cand, [[0, pad], [0, 0], [0, 0]]))[:batch]
+
+        width = cand.shape[1]
+        if width is not None:
+            return compiled() if width <= self.xla_max_width else self._score(state, cand)
+        return tf.cond(
+            tf.shape(cand)[1] <= self.xla_max_width, compiled, lambda: self._score(state, cand)
         )
 
     # -- boundary checks ---------------------------------------------------------
@@ -225,7 +288,36 @@ class RetrievalModule(tf.Module):
             tf.constant(self.default_mode),
         )
 
-    def _retrieve_signature(self, history, k, ef, steps, mode):
+    def _retrieve_stock(self, history, k, ef, steps, mode):
+        return self._retrieve_signature(history, k, ef, steps, mode, xla=False)
+
+    def _retrieve_xla(self, history, k, ef, steps, mode):
+        return self._retrieve_signature(history, k, ef, steps, mode, xla=True)
+
+    def _warmup_xla(self, history):
+        """Runs the XLA scorer at every width of :attr:`xla_widths` for this batch size."""
+        state = self._user_state(history, xla=True)
+        batch, dim = tf.shape(history)[0], self.item_e.shape[1]
+        finite = [
+            tf.reduce_sum(tf.cast(tf.math.is_finite(self._fast_score(state, tf.zeros([batch, w, dim]))), tf.int32))
+            for w in self.xla_widths
+        ]
+        return {"widths": tf.constant(self.xla_widths, tf.int32), "finite": tf.add_n(finite)}
+
+    def _user_state(self, history, xla: bool):
+        item_ids = tf.convert_to_tensor(self.item_ids)
+        dense = self._dense_history(history, item_ids)
+        if xla:
+            dense = self._pad_history(dense)
+        return self.model.user_state(tf.gather(self.item_e, tf.maximum(dense, 0)), dense >= 0)
+
+    def _pad_history(self, dense):
+        # XLA compiles per shape, and the scorer's user state is [B, L, D]: histories of every
+        # length would each compile every candidate width. Pad them to max_len.
+        short = tf.maximum(self.max_len - tf.shape(dense)[1], 0)
+        return tf.pad(dense, [[0, 0], [0, short]], constant_values=-1)
+
+    def _retrieve_signature(self, history, k, ef, steps, mode, xla: bool):
         same = [
             tf.debugging.Assert(
                 tf.reduce_all(k == k[0])
@@ -241,9 +333,9 @@ class RetrievalModule(tf.Module):
             ),
         ]
         with tf.control_dependencies(same):
-            return self._run(history, k[0], ef[0], steps[0], mode[0])
+            return self._run(history, k[0], ef[0], steps[0], mode[0], xla)
 
-    def _run(self, history, k, ef, steps, mode):
+    def _run(self, history, k, ef, steps, mode, xla: bool = False):
         # item_ids is read whole (searchsorted needs it) and gathered from that one read: a gather
         # on the variable itself (ResourceGather) puts it in copy-on-read mode, after which every
         # whole read copies it (31 MB per request at 3.9M items).
@@ -253,25 +345,13 @@ class RetrievalModule(tf.Module):
         # message rather than deep inside the search.
         with tf.control_dependencies(self._check_params(k, ef, steps)):
             dense, k, ef, steps = (tf.identity(t) for t in (dense, k, ef, steps))
-        if self.xla:
-            # XLA compiles per shape, and the scorer's user state is [B, L, D]: histories of
-            # every length would each compile every candidate width. Pad them to max_len.
-            short = tf.maximum(self.max_len - tf.shape(dense)[1], 0)
-            dense = tf.pad(dense, [[0, 0], [0, short]], constant_values=-1)
+        if xla:
+            dense = self._pad_history(dense)
         hist_e = tf.gather(self.item_e, tf.maximum(dense, 0))
         state = self.model.user_state(hist_e, dense >= 0)
 
-        def score(cand):
-            return self.model.score(state, cand)
-
-        # With xla the scorer is one XLA cluster per candidate width (a few dozen on the padded
-        # grid): its elementwise ops fuse and its small matmuls lose their per-op overhead. One
-        # XLA call runs mostly on one thread, so each call is split in score_split parts that
-        # the inter-op threads run side by side.
-        if self.xla:
-            score_fn = split_scorer(tf.function(score, jit_compile=True), self.score_split)
-        else:
-            score_fn = score
+        def score_fn(cand):
+            return self._fast_score(state, cand) if xla else self._score(state, cand)
 
         batch = tf.shape(history)[0]
         # Top-down, as everywhere: entry 0 is the start layer, the last entry layer 0.
@@ -413,16 +493,20 @@ def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps, 
     return count
 
 
-def score_parts(config: ExportConfig) -> int:
-    """How many XLA calls each scorer call is: ``config.score_split``, checked, or the default
-    (:data:`DEFAULT_XLA_SCORE_SPLIT` with ``--xla``, else 1)."""
-    if config.score_split is None:
-        return DEFAULT_XLA_SCORE_SPLIT if config.xla else 1
-    if config.score_split < 1:
-        raise InputError(f"--score-split must be >= 1, got {config.score_split}")
-    if config.score_split > 1 and not config.xla:
-        raise InputError("--score-split splits the XLA scorer's calls: add --xla, or leave it at 1")
-    return config.score_split
+def xla_shapes(*, num_items: int, ef, max_len: int, max_degree: int, fixed=()) -> tuple[int, list[int]]:
+    """The widest candidate call the XLA scorer takes, and every width it is warmed up at.
+
+    A layer's first round expands every entry point (at most the largest ef plus the user's
+    ``max_len`` behaviours), a later round the beam's newest members (at most ef), each with up
+    to ``max_degree`` neighbours: the default query never scores more candidates in one call.
+    Walk calls are padded to :data:`walk.search.WIDTH_GRID`; the start layer's calls have the
+    ``fixed`` widths, and exhaustive search's its chunk and the corpus' remainder.
+    """
+    widest = search.WIDTH_GRID[np.searchsorted(search.WIDTH_GRID, min(num_items, (max(ef) + max_len) * max_degree))]
+    chunk = search.EXHAUSTIVE_CHUNK
+    widths = {int(w) for w in search.WIDTH_GRID if w <= widest}
+    widths |= {int(w) for w in (*fixed, min(chunk, num_items), num_items % chunk) if 0 < w <= widest}
+    return int(widest), sorted(widths)
 
 
 def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
@@ -437,8 +521,6 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
       ArtifactError: an input artifact is missing, damaged or from another run.
       InputError: bad export parameters.
     """
-
-    config = dataclasses.replace(config, score_split=score_parts(config))  # meta records the parts used
     workdir = Path(workdir)
     model_meta = artifacts.read_meta(workdir / "model", "model")
     emb_meta = artifacts.read_meta(workdir / "embeddings", "embeddings")
@@ -463,6 +545,8 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             signatures={
                 contract.DEFAULT_SIGNATURE: module.serve_default.get_concrete_function(),
                 contract.RETRIEVE_SIGNATURE: module.retrieve.get_concrete_function(),
+                contract.XLA_SIGNATURE: module.retrieve_xla.get_concrete_function(),
+                contract.XLA_WARMUP_SIGNATURE: module.warmup_xla.get_concrete_function(),
             },
         )
         (tmp / contract.ITEM_IDS_FILE).parent.mkdir(parents=True, exist_ok=True)
@@ -477,6 +561,8 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             "steps": list(module.default_steps),
             "layer_sizes": module.graph.layer_sizes,
             "warmup_records": records,
+            "xla_max_width": module.xla_max_width,
+            "xla_widths": module.xla_widths,
         }
         meta = artifacts.provenance(
             "saved_model",
@@ -496,7 +582,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             ef=module.default_ef,
             steps=module.default_steps,
             mode=config.mode,
-            xla=config.xla,
+            xla_batches=XLA_BATCHES,
         )
         artifacts.write_meta(tmp, meta)
         final = export_root / str(version)
@@ -505,8 +591,8 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info(
-        "exported %s (start layer %d, defaults mode=%s k=%d ef=%s T=%s, history stride %d, "
-        "scorer %s, %d warm-up records)",
+        "exported %s (start layer %d, defaults mode=%s k=%d ef=%s T=%s, history stride %d; "
+        "XLA scorer in %d parts, compiled at %d widths up to %d per batch size; %d warm-up records)",
         final,
         module.start_layer,
         config.mode,
@@ -514,7 +600,9 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
         module.default_ef,
         module.default_steps,
         config.history_stride,
-        f"XLA in {config.score_split} parts" if config.xla else "stock ops",
+        config.score_split,
+        len(module.xla_widths),
+        module.xla_max_width,
         records,
     )
     return final

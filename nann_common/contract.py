@@ -28,6 +28,11 @@ MODES = ("beam", "beam_history", "beam_sets", "hnsw", "exhaustive")
 DEFAULT_MODE = "beam"  # of exports that name none
 DEFAULT_SIGNATURE = "serving_default"
 RETRIEVE_SIGNATURE = "retrieve"
+# The same inputs and outputs as retrieve, with the scorer compiled by XLA: the in-process
+# server's choice; stock TF Serving runs retrieve (it would need --xla_cpu_compilation_enabled).
+XLA_SIGNATURE = "retrieve_xla"
+# history [B, L] -> compiles the XLA scorer at every shape retrieve_xla meets at batch B.
+XLA_WARMUP_SIGNATURE = "warmup_xla"
 RETRIEVE_INPUTS = ("history", "k", "ef", "steps", "mode")
 RETRIEVE_OUTPUTS = ("item_ids", "scores", "scored")
 PAD_ID = -1
@@ -65,7 +70,12 @@ class ServingContract:
     modes: tuple[str, ...]
     digest: str
     default_mode: str = DEFAULT_MODE
-    xla_scorer: bool = False
+    xla_scorer: bool = False  # retrieve itself compiles with XLA (exports older than retrieve_xla)
+    xla_batches: tuple[int, ...] = ()  # batch sizes retrieve_xla compiles for; () = no retrieve_xla
+
+    @property
+    def has_xla_signature(self) -> bool:
+        return bool(self.xla_batches)
 
     @property
     def depth(self) -> int:
@@ -95,6 +105,7 @@ class ServingContract:
                 digest=artifacts.digest(meta),
                 default_mode=str(serving["defaults"].get("mode", DEFAULT_MODE)),
                 xla_scorer=bool(serving.get("xla_scorer", False)),
+                xla_batches=tuple(int(x) for x in serving.get("xla", {}).get("batches", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(
@@ -185,7 +196,7 @@ def serving_block(
     ef: tuple[int, ...],
     steps: tuple[int, ...],
     mode: str = DEFAULT_MODE,
-    xla: bool = False,
+    xla_batches: tuple[int, ...] = (),
 ) -> dict:
     """The ``serving`` block of an export's meta.json (what :meth:`ServingContract.from_meta` reads)."""
     return {
@@ -193,6 +204,14 @@ def serving_block(
         "signatures": {
             DEFAULT_SIGNATURE: {"inputs": ["history"], "outputs": list(RETRIEVE_OUTPUTS)},
             RETRIEVE_SIGNATURE: {"inputs": list(RETRIEVE_INPUTS), "outputs": list(RETRIEVE_OUTPUTS)},
+            **(
+                {
+                    XLA_SIGNATURE: {"inputs": list(RETRIEVE_INPUTS), "outputs": list(RETRIEVE_OUTPUTS)},
+                    XLA_WARMUP_SIGNATURE: {"inputs": ["history"], "outputs": ["widths", "finite"]},
+                }
+                if xla_batches
+                else {}
+            ),
         },
         "num_items": int(num_items),
         "start_layer": int(start_layer),
@@ -200,8 +219,10 @@ def serving_block(
         "max_len": int(max_len),
         "pad_id": PAD_ID,
         "modes": list(MODES),
-        # An XLA scorer runs in process; TF Serving needs --xla_cpu_compilation_enabled for it.
-        "xla_scorer": bool(xla),
+        # retrieve and serving_default hold no XLA op (stock TF Serving runs them); the in-process
+        # server runs retrieve_xla, warmed up at each of these batch sizes it can form.
+        "xla_scorer": False,
+        **({"xla": {"signature": XLA_SIGNATURE, "batches": [int(b) for b in xla_batches]}} if xla_batches else {}),
         "defaults": {
             "k": int(k),
             "ef": [int(x) for x in ef],

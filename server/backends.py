@@ -26,13 +26,20 @@ from nann_common import contract as contract_lib
 from nann_common import xla
 from nann_common.contract import Query, ServingContract
 from nann_common.errors import NannError
-from server.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from server.errors import DeadlineExceeded, Unavailable
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 # (histories int64 [B, L] -1 padded, query, timeout seconds or None) -> (ids [B,k], scores [B,k], scored [B])
 RunFn = Callable[[np.ndarray, Query, float | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class ModelRefused(RuntimeError):
+    """The model refused a request the service had validated: the export and the server disagree.
+
+    Both backends raise it; it is a server fault (INTERNAL, the detail logged, not sent).
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +138,14 @@ class InProcessBackend(Backend):
         base: Path,
         metrics: Metrics,
         reload_interval: float = 2.0,
-        intra_op_threads: int = 0,
+        intra_op_threads: int = 1,
         inter_op_threads: int = 0,
+        scorer: str = "auto",
+        max_batch: int = 1,
     ):
         self.base = Path(base)
+        self.scorer = scorer
+        self.max_batch = max_batch
         self.metrics = metrics
         self._slot: ModelSlot | None = None
         self._models: dict[int, object] = {}  # keeps each loaded SavedModel's resources alive
@@ -214,9 +225,10 @@ class InProcessBackend(Backend):
                 model = tf.saved_model.load(str(path))
             except (OSError, ValueError, tf.errors.OpError) as e:
                 raise NannError(f"{path} does not load as a SavedModel: {type(e).__name__}: {e}") from e
-            fn = model.signatures.get(contract_lib.RETRIEVE_SIGNATURE)
+            signature = self._signature(contract)
+            fn = model.signatures.get(signature)
             if fn is None:
-                raise NannError(f"{path} has no {contract_lib.RETRIEVE_SIGNATURE!r} signature")
+                raise NannError(f"{path} has no {signature!r} signature")
             names = set(fn.structured_input_signature[1])
             if names != set(contract_lib.RETRIEVE_INPUTS):
                 raise NannError(
@@ -228,23 +240,62 @@ class InProcessBackend(Backend):
                 try:
                     out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
                 except tf.errors.InvalidArgumentError as e:
-                    # The service validates before calling, so this is a contract mismatch: a bug.
-                    raise RuntimeError(f"the model refused a validated request: {e.message}") from e
+                    raise ModelRefused(f"the model refused a validated request: {e.message}") from e
                 return out["item_ids"].numpy(), out["scores"].numpy(), out["scored"].numpy()
 
             records = read_warmup(path)
-            for signature, inputs in records:
-                f = model.signatures[signature]
-                f(**{name: tf.constant(value) for name, value in inputs.items()})
+            compiled = 0
+            if signature == contract_lib.XLA_SIGNATURE:
+                compiled = self._warm_xla(model, contract, records)
+                # Batches the micro-batcher never forms would compile shapes no call uses.
+                records = [(s, i) for s, i in records if len(i["history"]) <= self.max_batch]
+            for name, inputs in records:
+                f = fn if name == contract_lib.RETRIEVE_SIGNATURE else model.signatures[name]
+                f(**{key: tf.constant(value) for key, value in inputs.items()})
             self._models[contract.version] = model
             logger.info(
-                "loaded model version %d from %s in %.1f s (%d warm-up requests)",
+                "loaded model version %d from %s in %.1f s: signature %s, %d warm-up requests%s",
                 contract.version,
                 path,
                 time.monotonic() - started,
+                signature,
                 len(records),
+                f", XLA scorer compiled at {compiled} shapes" if compiled else "",
             )
             return ModelSlot(contract, item_ids, run)
+
+    def _signature(self, contract: ServingContract) -> str:
+        if self.scorer == "stock":
+            return contract_lib.RETRIEVE_SIGNATURE
+        if contract.has_xla_signature:
+            return contract_lib.XLA_SIGNATURE
+        if self.scorer == "xla":
+            raise NannError(
+                f"{contract.path} has no {contract_lib.XLA_SIGNATURE} signature (exported before "
+                "it existed): re-export it, or serve it with --scorer stock"
+            )
+        return contract_lib.RETRIEVE_SIGNATURE
+
+    def _warm_xla(self, model, contract: ServingContract, records) -> int:
+        """Compiles the XLA scorer at every shape a call can meet, for every batch size the
+        micro-batcher can form (padded to the export's batch sizes): no call pays for one.
+
+        Returns:
+          The number of (batch size, width) shapes warmed.
+        """
+        import tensorflow as tf
+
+        if not records:
+            raise NannError(f"{contract.path} has no warm-up records; re-export it")
+        history = records[0][1]["history"][:1]
+        warm = model.signatures[contract_lib.XLA_WARMUP_SIGNATURE]
+        shapes = 0
+        for batch in contract.xla_batches:
+            out = warm(history=tf.constant(np.repeat(history, batch, axis=0)))
+            shapes += len(out["widths"])
+            if batch >= self.max_batch:
+                break
+        return shapes
 
 
 class TFServingBackend(Backend):
@@ -358,8 +409,9 @@ class TFServingBackend(Backend):
         item_ids = contract.item_ids()
         if contract.xla_scorer:
             logger.warning(
-                "model version %d was exported with --xla: TF Serving runs it only with "
-                "--xla_cpu_compilation_enabled=true; export without --xla for a stock TF Serving",
+                "model version %d was exported by an older exporter with --xla: TF Serving runs it "
+                "only with --xla_cpu_compilation_enabled=true; re-export it (the retrieve "
+                "signature of a current export holds no XLA op)",
                 contract.version,
             )
         return ModelSlot(contract, item_ids, lambda h, q, t=None: self._predict(contract, h, q, t))
@@ -409,7 +461,7 @@ class TFServingBackend(Backend):
                         f"{contract.version}: {code.name}"
                     ) from e
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidArgument(f"the model refused the request: {e.details()}") from e
+                    raise ModelRefused(f"the model refused a validated request: {e.details()}") from e
                 raise RuntimeError(f"TF Serving answered {code.name}: {e.details()}") from e
         out = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
         return out["item_ids"], out["scores"], out["scored"]
@@ -418,7 +470,13 @@ class TFServingBackend(Backend):
 def open_backend(config, metrics: Metrics) -> Backend:
     if config.backend == "inprocess":
         return InProcessBackend(
-            config.model, metrics, config.reload_interval_s, config.intra_op_threads, config.inter_op_threads
+            config.model,
+            metrics,
+            config.reload_interval_s,
+            config.intra_op_threads,
+            config.inter_op_threads,
+            config.scorer,
+            config.max_batch,
         )
     return TFServingBackend(
         config.backend,

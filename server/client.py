@@ -14,6 +14,7 @@ import time
 import grpc
 
 from nann.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+from server.service import MD_DROPPED, MD_SCORED, MD_VERSION
 
 
 def _ints(text: str) -> list[int]:
@@ -110,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     who = f"user {args.user}" if not args.history else f"inline history of {len(args.history)}"
     print(
         f"{who}: {len(candidates)} candidates in {last * 1000:.1f} ms (first chunk {first * 1000:.1f} ms); "
-        f"items scored {trailer.get('nann-items-scored')}, "
-        f"model version {trailer.get('nann-model-version')}, "
-        f"unknown ids dropped {trailer.get('nann-unknown-ids-dropped')}"
+        f"items scored {trailer.get(MD_SCORED)}, "
+        f"model version {trailer.get(MD_VERSION)}, "
+        f"unknown ids dropped {trailer.get(MD_DROPPED)}"
     )
     print(f"{'rank':>5} {'item_id':>12} {'score':>10}")
     for c in shown:

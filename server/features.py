@@ -112,15 +112,14 @@ class RedisStore(FeatureStore):
 
         self.url = url
         self.client = redis_client(url, timeout_s, pool)
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-        self._all_errors = redis.exceptions.RedisError
+        self._errors = redis.exceptions.RedisError
         self.cap = cap
 
     def history(self, user_id: str) -> np.ndarray | None:
         start = -self.cap if self.cap else 0
         try:
             raw = self.client.lrange(KEY_PREFIX + user_id, start, -1)
-        except self._all_errors as e:
+        except self._errors as e:
             raise Unavailable(f"feature store (redis) unreachable: {type(e).__name__}; retry later") from e
         if not raw:
             return None

@@ -78,7 +78,6 @@ SCORED_BUCKETS = (
     1e6,
     1e7,
 )
-STAGES = ("queue_wait", "feature_fetch", "model_call", "stream_write")
 # The paper's Table 1 (1.3M items, a T4 GPU + 32 cores): the reference lines of a dashboard.
 TABLE1 = {"bitmap": (624.0, 0.0063), "raw_set_ops": (185.0, 0.0234)}
 

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # start layer 1, as the tiny graph has few upper-layer nodes; k 10 leaves room in ef_0 = 40.
 # Mode beam: the serving tests compare the server's default answers with beam's.
-EXPORT_PARAMS = {"start_layer": 1, "k": 10, "ef": (20, 40), "steps": (1, 2), "mode": "beam"}
+# The export's defaults (beam_history, T top-down (1,) 0, 5, every 2nd start node, the XLA signature)
+# with k and ef fitted to a 1,500-item corpus: the tests serve the query production serves.
+EXPORT_PARAMS = {"k": 10, "ef": (20, 40)}
 
 
 def _require(path: Path) -> Path:

@@ -24,10 +24,12 @@ def test_export_meta_carries_everything_a_caller_needs(served_workdir):
     serving = meta["serving"]
     item_ids = np.load(served_workdir / "embeddings" / "item_ids.npy")
     assert c.version == 1 and c.num_items == len(item_ids)
-    assert c.start_layer == 1 and c.default_ef == (20, 40) and c.default_steps == (1, 2) and c.default_k == 10
+    assert c.start_layer == 1 and c.default_ef == (20, 40) and c.default_steps == (0, 5) and c.default_k == 10
+    assert c.default_mode == "beam_history" and c.has_xla_signature and 1 in c.xla_batches
     assert c.max_len == 50 and set(c.modes) == set(contract.MODES)
     assert c.layer_sizes[0] == len(item_ids)
     assert serving["signatures"]["retrieve"]["inputs"] == list(contract.RETRIEVE_INPUTS)
+    assert serving["signatures"]["retrieve_xla"]["inputs"] == list(contract.RETRIEVE_INPUTS)
     assert {"k", "ef", "steps", "history"} <= set(serving["bounds"])
     np.testing.assert_array_equal(c.item_ids(), item_ids)
 
@@ -50,14 +52,14 @@ def test_contract_rejects_what_the_signature_would(served_workdir, kwargs, messa
 
 def test_contract_fills_defaults(served_workdir):
     q = contract.latest_contract(served_workdir / "export").resolve()
-    assert (q.k, q.ef, q.steps, q.mode) == (10, (20, 40), (1, 2), "beam")
+    assert (q.k, q.ef, q.steps, q.mode) == (10, (20, 40), (0, 5), "beam_history")
 
 
 def test_the_default_mode_is_the_exports(served_workdir):
     meta = json.loads((served_workdir / "export" / "1" / "meta.json").read_text())
     path = served_workdir / "export" / "1"
-    meta["serving"]["defaults"]["mode"] = "beam_history"
-    assert contract.ServingContract.from_meta(path, meta).resolve().mode == "beam_history"
+    meta["serving"]["defaults"]["mode"] = "hnsw"
+    assert contract.ServingContract.from_meta(path, meta).resolve().mode == "hnsw"
     assert contract.ServingContract.from_meta(path, meta).resolve(mode="beam").mode == "beam"
     del meta["serving"]["defaults"]["mode"]  # an export from before modes had a default
     assert contract.ServingContract.from_meta(path, meta).resolve().mode == "beam"

@@ -15,10 +15,11 @@ from conftest import EXPORT_PARAMS
 from model_export import cli
 from model_export import export as export_module
 from model_export.evaluate import Evaluation
-from model_export.export import ExportConfig, RetrievalModule
+from model_export.export import DEFAULT_STEPS, ExportConfig, RetrievalModule
 from nann_common.errors import InputError
 
 EXPORT = ExportConfig(**EXPORT_PARAMS)
+START_LAYER = 1  # what the start-layer rule picks for the fixture's graph and ef (checked below)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,9 @@ def _module(workdir, evaluation, config):
     )
 
 
-def retrieve(saved, history, k, ef, steps, mode):
+def retrieve(saved, history, k, ef, steps, mode, signature="retrieve"):
     inputs = _inputs(history, k, ef, steps, mode)
-    return saved.signatures["retrieve"](**{name: tf.constant(v) for name, v in inputs.items()})
+    return saved.signatures[signature](**{name: tf.constant(v) for name, v in inputs.items()})
 
 
 def original_histories(evaluation, rows=slice(None)):
@@ -114,6 +115,8 @@ def test_saved_model_cli_lists_the_signatures(workdir):
     for name in (
         "signature_def['serving_default']",
         "signature_def['retrieve']",
+        "signature_def['retrieve_xla']",
+        "signature_def['warmup_xla']",
         "inputs['history']",
         "outputs['item_ids']",
         "outputs['scored']",
@@ -130,7 +133,7 @@ def test_ef_covering_the_corpus_equals_exhaustive(evaluation, mode):
 
 
 def test_default_parameters_score_a_fraction_and_cover_most(evaluation):
-    result = evaluation.metrics("beam", EXPORT.k, progress=False)
+    result = evaluation.metrics(EXPORT.mode, EXPORT.k, progress=False)
     assert result["scored_fraction"] < 0.6
     # A small, barely trained corpus; the bound only guards against a broken walk.
     assert result["coverage"] >= 0.5, result
@@ -183,7 +186,10 @@ def test_bad_requests_get_clear_errors(saved, evaluation, change, message):
 def test_export_versions_and_provenance(workdir):
     meta = json.loads((workdir / "export" / "1" / "meta.json").read_text())
     assert meta["kind"] == "saved_model"
-    assert meta["params"]["start_layer"] == 1 and meta["params"]["ef"] == [20, 40]
+    assert meta["params"]["start_layer"] == START_LAYER and meta["params"]["ef"] == [20, 40]
+    assert meta["params"]["mode"] == export_module.DEFAULT_MODE
+    assert meta["params"]["steps"] == list(export_module.DEFAULT_STEPS[-2:])
+    assert meta["params"]["score_split"] == export_module.DEFAULT_XLA_SCORE_SPLIT
     assert any(name.startswith("variables/") for name in meta["files"])
     assert set(meta["inputs"]) == {"model", "embeddings", "index"}
 
@@ -198,7 +204,8 @@ def test_sweep_writes_plot_and_numbers(workdir, tmp_path):
     assert lines[0].startswith("mode,ef,steps,scored_fraction") and len(lines) == 7
     # More rounds never find less: T_0 = 2 covers at least what T_0 = 1 does at the same ef.
     beam = {(tuple(r["ef"]), tuple(r["steps"])): r["coverage"] for r in rows if r["mode"] == "beam"}
-    assert beam[((20, 40), (1, 2))] >= beam[((20, 40), (1, 1))]
+    upper = (DEFAULT_STEPS[-2],)  # the export's T above layer 0
+    assert beam[((20, 40), (*upper, 2))] >= beam[((20, 40), (*upper, 1))]
 
 
 def test_sweep_refuses_a_grid_with_no_valid_point(workdir, tmp_path):
@@ -229,6 +236,7 @@ def test_command_line_defaults_are_the_export_defaults():
     assert args.k == export_module.DEFAULT_K
     assert args.mode == export_module.DEFAULT_MODE
     assert args.history_stride == export_module.DEFAULT_HISTORY_STRIDE
+    assert args.score_split == export_module.DEFAULT_XLA_SCORE_SPLIT
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +258,7 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation, exact_sc
         ids, scored = evaluation.retrieve("beam", 10, ef, steps, progress=False)
         overlap = []
         for u in range(evaluation.num_users):
-            top, n = replay.replay_user(graph, scores[u], list(ef), list(steps), EXPORT.start_layer, 10)
+            top, n = replay.replay_user(graph, scores[u], list(ef), list(steps), START_LAYER, 10)
             assert n == scored[u], (u, ef, steps)
             overlap.append(len(np.intersect1d(top, ids[u])) / 10)
         # Float rounding differs between the Keras model and the SavedModel's graph: a near-tie at
@@ -258,31 +266,77 @@ def test_numpy_walk_replay_matches_the_saved_model(workdir, evaluation, exact_sc
         assert np.mean(overlap) >= 0.99, (ef, steps, np.mean(overlap))
 
 
-@pytest.mark.parametrize("split", [None, 3])
-def test_xla_scorer_finds_what_the_stock_one_does(workdir, saved, evaluation, split):
-    """--xla compiles the scorer with XLA, each call in `split` parts (None: the default, 2); the
-    walk and its answer stay those of the stock export."""
-    module = _module(
-        workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": True, "score_split": split})
-    )
-    assert module.score_split == (split or 2)
-    # Histories shorter than max_len (the XLA export pads them to one shape): left-aligned rows.
-    rows = [row[row >= 0][-30:] for row in original_histories(evaluation, slice(0, 16))]
+@pytest.mark.parametrize("split", [1, 3])
+def test_xla_signature_finds_what_the_stock_one_does(workdir, saved, evaluation, split):
+    """retrieve_xla compiles the scorer with XLA, each call in `split` parts (the fixture's export
+    has the default, 2); the walk and its answer stay those of the stock signature."""
+    module = _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "score_split": split}))
+    assert module.score_split == split
+    history = _short_histories(evaluation, 16)
+    for mode in ("beam", "beam_history"):
+        stock = retrieve(saved, history, 10, [20, 40], [1, 3], mode)
+        for xla in (
+            module.retrieve_xla(
+                **{k: tf.constant(v) for k, v in _inputs(history, 10, [20, 40], [1, 3], mode).items()}
+            ),
+            retrieve(saved, history, 10, [20, 40], [1, 3], mode, signature="retrieve_xla"),
+        ):
+            _assert_same_answer(xla, stock, mode)
+
+
+def _short_histories(evaluation, users):
+    """Histories shorter than max_len (the XLA signature pads them to one shape): left-aligned rows."""
+    rows = [row[row >= 0][-30:] for row in original_histories(evaluation, slice(0, users))]
     history = np.full((len(rows), max(map(len, rows))), -1, np.int64)
     for i, row in enumerate(rows):
         history[i, : len(row)] = row
     assert history.shape[1] < 50
-    for mode in ("beam", "beam_history"):
-        stock = retrieve(saved, history, 10, [20, 40], [1, 3], mode)
-        xla = module.retrieve(
-            **{k: tf.constant(v) for k, v in _inputs(history, 10, [20, 40], [1, 3], mode).items()}
-        )
-        np.testing.assert_allclose(xla["scores"].numpy(), stock["scores"].numpy(), rtol=1e-4, atol=1e-4)
-        same = [
-            len(np.intersect1d(a, b)) / 10
-            for a, b in zip(xla["item_ids"].numpy(), stock["item_ids"].numpy(), strict=True)
-        ]
-        assert np.mean(same) >= 0.99, (mode, same)
+    return history
+
+
+def _assert_same_answer(xla, stock, label):
+    # XLA orders float operations its own way: scores agree to 1e-4, and a near-tie at the
+    # beam's edge may flip, nothing more.
+    np.testing.assert_allclose(xla["scores"].numpy(), stock["scores"].numpy(), rtol=1e-4, atol=1e-4)
+    same = [
+        len(np.intersect1d(a, b)) / a.size
+        for a, b in zip(xla["item_ids"].numpy(), stock["item_ids"].numpy(), strict=True)
+    ]
+    assert np.mean(same) >= 0.99, (label, same)
+
+
+def _xla_functions(concrete) -> set[str]:
+    """Names of the functions a signature reaches that XLA must compile (``_XlaMustCompile``)."""
+    graph_def = concrete.graph.as_graph_def()
+    must = set()
+    for fn in graph_def.library.function:
+        if fn.attr["_XlaMustCompile"].b:
+            must.add(fn.signature.name)
+        for node in fn.node_def:
+            if node.attr["_XlaMustCompile"].b:
+                must.add(node.attr["f"].func.name or node.name)
+    must |= {n.name for n in graph_def.node if n.attr["_XlaMustCompile"].b}
+    return must
+
+
+def test_tf_serving_signatures_hold_no_xla_and_the_fast_one_does(saved):
+    """Stock TF Serving runs serving_default and retrieve (it refuses XLA without
+    --xla_cpu_compilation_enabled); retrieve_xla and warmup_xla are the in-process server's."""
+    for name in ("serving_default", "retrieve"):
+        assert not _xla_functions(saved.signatures[name]), name
+    for name in ("retrieve_xla", "warmup_xla"):
+        assert _xla_functions(saved.signatures[name]), name
+
+
+def test_the_xla_warmup_compiles_every_shape_a_walk_meets(workdir, evaluation, saved):
+    """After warmup_xla at a batch size, no query of the default kind at that batch compiles."""
+    meta = json.loads((workdir / "export" / "1" / "meta.json").read_text())
+    widths = meta["params"]["xla_widths"]
+    assert widths == sorted(widths) and widths[-1] == meta["params"]["xla_max_width"]
+    history = _short_histories(evaluation, 1)
+    out = saved.signatures["warmup_xla"](history=tf.constant(history))
+    assert out["widths"].numpy().tolist() == widths
+    assert int(out["finite"]) == sum(widths)  # every candidate scored, every score finite
 
 
 def test_split_scorer_scores_every_candidate_once_in_order():
@@ -311,16 +365,9 @@ def test_split_scorer_scores_every_candidate_once_in_order():
     assert [c[1] for c in calls] == [2, 3, 3]  # cuts 0, 2, 5, 8
 
 
-def test_a_stock_export_is_not_split(workdir, evaluation):
-    assert _module(workdir, evaluation, ExportConfig(**EXPORT_PARAMS)).score_split == 1
-
-
-@pytest.mark.parametrize(
-    "xla,split,message", [(True, 0, "--score-split must be >= 1"), (False, 2, "add --xla")]
-)
-def test_export_rejects_a_score_split_it_cannot_use(workdir, evaluation, xla, split, message):
-    with pytest.raises(InputError, match=message):
-        _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "xla": xla, "score_split": split}))
+def test_export_rejects_a_score_split_below_one(workdir, evaluation):
+    with pytest.raises(InputError, match="--score-split must be >= 1"):
+        _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "score_split": 0}))
 
 
 @pytest.mark.parametrize("stride", [0, 1, 3])
@@ -332,7 +379,7 @@ def test_beam_history_walks_as_the_replay(workdir, evaluation, exact_scores, str
 
     graph = load_graph(workdir / "index")
     module = _module(workdir, evaluation, ExportConfig(**{**EXPORT_PARAMS, "history_stride": stride}))
-    ef, steps, k, layer = (20, 40), (1, 3), 10, EXPORT.start_layer
+    ef, steps, k, layer = (20, 40), (1, 3), 10, START_LAYER
     rows = slice(0, 24)
     b = len(evaluation.histories[rows])
     inputs = _inputs(original_histories(evaluation, rows), k, ef, steps, "beam_history")

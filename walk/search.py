@@ -355,7 +355,10 @@ def beam_retrieval(
     return tf.gather(ids, top, batch_dims=1), top_s, scored
 
 
-def exhaustive_retrieval(score_fn, item_e, batch, k, chunk: int = 8192):
+EXHAUSTIVE_CHUNK = 8192
+
+
+def exhaustive_retrieval(score_fn, item_e, batch, k, chunk: int = EXHAUSTIVE_CHUNK):
     """Scores every item in chunks of ``chunk`` and keeps a running top k: the exact answer.
 
     Returns (ids [B, k], scores [B, k], items scored per user [B]).
