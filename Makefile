@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := runs/demo
 
-.PHONY: setup demo test lint clean-demo image image-check stack
+.PHONY: setup demo test test-fast lint clean-demo image image-check stack
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=15
+
+# The inner loop: everything but the slow end-to-end checks (marked e2e).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e" --durations=10
 
 lint: setup
 	$(BIN)/ruff check .

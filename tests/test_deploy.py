@@ -167,6 +167,7 @@ def scrape(text: str) -> tuple[set[str], dict[str, list]]:
 # --- the metric contract, against the real server ---------------------------------------------
 
 
+@pytest.mark.e2e
 def test_rules_and_dashboard_use_only_metrics_the_server_exports(served_workdir, start_server):
     import grpc
     import numpy as np
@@ -285,6 +286,7 @@ def test_rule_extraction_agrees_with_pyyaml():
 # --- promtool ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_promtool_accepts_config_rules_and_rule_tests():
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -433,6 +435,7 @@ def test_k8s_manifests_parse_and_fit_together():
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+@pytest.mark.e2e
 def test_kustomize_builds():
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -453,6 +456,7 @@ def test_kustomize_builds():
     )
 
 
+@pytest.mark.e2e
 def test_k8s_manifests_validate_against_the_api_schemas():
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
     yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
@@ -479,6 +483,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 TFSERVING = DEPLOY / "tfserving"
 
 
+@pytest.mark.e2e
 def test_docker_compose_validates():
     compose = shutil.which("docker-compose")
     if compose is None:

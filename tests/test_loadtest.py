@@ -78,6 +78,7 @@ def server(served_workdir, tmp_path_factory):
     process.stop()
 
 
+@pytest.mark.e2e
 def test_headless_run_reports_first_and_last_message_and_failures_by_status_code(
     server, served_workdir, tmp_path
 ):
@@ -122,6 +123,7 @@ def test_headless_run_reports_first_and_last_message_and_failures_by_status_code
     assert server.health() == "SERVING"
 
 
+@pytest.mark.e2e
 def test_step_load_prints_the_highest_qps_within_the_objective(server, served_workdir, tmp_path):
     out = tmp_path / "steps"
     result = _run(
@@ -138,6 +140,7 @@ def test_step_load_prints_the_highest_qps_within_the_objective(server, served_wo
     assert "highest sustained QPS at p99 <= 10000 ms" in result.stdout
 
 
+@pytest.mark.e2e
 def test_stack_without_containers_prometheus_agrees_with_locust(served_workdir, redis_db13, tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("the Prometheus server is not installed (Debian/Ubuntu package prometheus)")

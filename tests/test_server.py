@@ -71,10 +71,11 @@ def user_history(snapshot, i):
     return snapshot["items"][snapshot["offsets"][i] : snapshot["offsets"][i + 1]]
 
 
-def model_answer(saved_model, history, k=10, ef=(20, 40), steps=(1, 2), mode="beam"):
+def model_answer(saved_model, history, k=10, ef=(20, 40), steps=(0, 5), mode="beam_history"):
+    """The export's own answer at its default query, from the signature the server runs."""
     import tensorflow as tf
 
-    out = saved_model.signatures["retrieve"](
+    out = saved_model.signatures["retrieve_xla"](
         history=tf.constant([history], tf.int64),
         k=tf.constant([k]),
         ef=tf.constant([list(ef)]),
@@ -144,6 +145,34 @@ def test_per_request_parameters_reach_the_model(stub, snapshot, saved_model):
     ids, _, scored = model_answer(saved_model, history, k=25, ef=(40, 80), steps=(2, 3))
     assert [c.item_id for c in candidates] == ids.tolist()
     assert trailer["nann-items-scored"] == str(scored)
+
+
+XLA_COMPILED = "Compilation of XLA executable"
+
+
+def test_no_call_after_serving_pays_for_a_compilation(start_server, served_workdir, snapshot):
+    """The warm-up compiles the XLA scorer at every shape a default-query call can take: after
+    SERVING, calls of every history length, stored and inline, compile nothing (XLA logs each
+    compilation at this verbosity)."""
+    server = start_server(
+        "--model",
+        str(served_workdir / "export"),
+        env={"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "device_compiler=1"},
+    )
+    before = server.log()
+    assert before.count(XLA_COMPILED) >= 10, "the warm-up compiled nothing; is the XLA signature served?"
+    assert '"signature retrieve_xla' in before or "signature retrieve_xla" in before
+    rng = np.random.default_rng(5)
+    items = snapshot["items"]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = retrieval_pb2_grpc.RetrieverStub(channel)
+        for i in range(60):
+            if i % 2:
+                call(stub, user_id=str(snapshot["users"][i]))
+            else:
+                call(stub, history=rng.choice(items, size=int(rng.integers(1, 51))).tolist())
+    after = server.log()[len(before) :]
+    assert after.count(XLA_COMPILED) == 0, after[-3000:]
 
 
 BAD_REQUESTS = [
@@ -273,6 +302,7 @@ def test_metrics_parse_and_move(server, stub, snapshot):
     assert "0.0063" in bounds
 
 
+@pytest.mark.e2e
 def test_fuzz_ten_thousand_random_requests(server, snapshot):
     """Random and malformed requests: only the expected codes, no crash, still SERVING after."""
     rng = np.random.default_rng(7)
@@ -364,6 +394,7 @@ def test_health_is_serving_only_after_the_warm_up(start_server, served_workdir):
     assert warmed < log.index('"event": "serving"')
 
 
+@pytest.mark.e2e
 def test_sigterm_drains_in_flight_calls_then_exits_zero(start_server, served_workdir, snapshot):
     # A 1.5 s batching window keeps calls in flight long enough to signal in the middle of them.
     server = start_server(
@@ -410,6 +441,7 @@ def _copy_version(src: Path, base: Path, version: int) -> Path:
     return final
 
 
+@pytest.mark.e2e
 def test_hot_reload_under_load_fails_no_request_and_a_damaged_version_is_refused(
     start_server, served_workdir, snapshot, tmp_path
 ):

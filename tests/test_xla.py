@@ -85,6 +85,7 @@ def _ynnpack_emits(tmp_path, flags: str) -> tuple[int, bool]:
 
 
 @pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed (.ci/run installs it)")
+@pytest.mark.e2e
 def test_xla_compiles_without_ynnpack_with_the_configured_flags(tmp_path):
     environ: dict[str, str] = {}
     configure(environ)
