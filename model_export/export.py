@@ -229,9 +229,7 @@ class RetrievalModule(tf.Module):
         width = cand.shape[1]
         if width is not None:
             return compiled() if width <= self.xla_max_width else self._score(state, cand)
-        return tf.cond(
-            tf.shape(cand)[1] <= self.xla_max_width, compiled, lambda: self._score(state, cand)
-        )
+        return tf.cond(tf.shape(cand)[1] <= self.xla_max_width, compiled, lambda: self._score(state, cand))
 
     # -- boundary checks ---------------------------------------------------------
     def _dense_history(self, history, item_ids):
@@ -298,10 +296,8 @@ class RetrievalModule(tf.Module):
         """Runs the XLA scorer at every width of :attr:`xla_widths` for this batch size."""
         state = self._user_state(history, xla=True)
         batch, dim = tf.shape(history)[0], self.item_e.shape[1]
-        finite = [
-            tf.reduce_sum(tf.cast(tf.math.is_finite(self._fast_score(state, tf.zeros([batch, w, dim]))), tf.int32))
-            for w in self.xla_widths
-        ]
+        scores = [self._fast_score(state, tf.zeros([batch, w, dim])) for w in self.xla_widths]
+        finite = [tf.reduce_sum(tf.cast(tf.math.is_finite(s), tf.int32)) for s in scores]
         return {"widths": tf.constant(self.xla_widths, tf.int32), "finite": tf.add_n(finite)}
 
     def _user_state(self, history, xla: bool):
@@ -502,7 +498,8 @@ def xla_shapes(*, num_items: int, ef, max_len: int, max_degree: int, fixed=()) -
     Walk calls are padded to :data:`walk.search.WIDTH_GRID`; the start layer's calls have the
     ``fixed`` widths, and exhaustive search's its chunk and the corpus' remainder.
     """
-    widest = search.WIDTH_GRID[np.searchsorted(search.WIDTH_GRID, min(num_items, (max(ef) + max_len) * max_degree))]
+    most = min(num_items, (max(ef) + max_len) * max_degree)
+    widest = search.WIDTH_GRID[np.searchsorted(search.WIDTH_GRID, most)]
     chunk = search.EXHAUSTIVE_CHUNK
     widths = {int(w) for w in search.WIDTH_GRID if w <= widest}
     widths |= {int(w) for w in (*fixed, min(chunk, num_items), num_items % chunk) if 0 < w <= widest}

@@ -222,7 +222,11 @@ def serving_block(
         # retrieve and serving_default hold no XLA op (stock TF Serving runs them); the in-process
         # server runs retrieve_xla, warmed up at each of these batch sizes it can form.
         "xla_scorer": False,
-        **({"xla": {"signature": XLA_SIGNATURE, "batches": [int(b) for b in xla_batches]}} if xla_batches else {}),
+        **(
+            {"xla": {"signature": XLA_SIGNATURE, "batches": list(map(int, xla_batches))}}
+            if xla_batches
+            else {}
+        ),
         "defaults": {
             "k": int(k),
             "ef": [int(x) for x in ef],
