@@ -3,6 +3,8 @@
     python -m model_export synthesize --items N --users U --out PATH
     python -m model_export train --interactions PATH --workdir DIR [--arch din|dnn|two_sided]
     python -m model_export evaluate --workdir DIR [--k 200] [--users N] [--json]
+    python -m model_export tune --workdir DIR [--coverage 0.99 | --latency-ms X]
+    python -m model_export export --workdir DIR
 
 Errors about the input or the workdir are reported as one line on stderr
 with exit code 2; anything else is a bug and keeps its traceback.
@@ -244,6 +246,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the result as one JSON object on the last line"
     )
 
+    tu = sub.add_parser(
+        "tune",
+        help="choose the export's query defaults for this corpus: the cheapest query that meets a target",
+        description="Replays candidate queries (beam or beam_history with every 1st/2nd/4th start node; ef "
+        "and T per layer) over the exact scores of validation users, measures each against their "
+        "exhaustive top k, picks the cheapest (fewest items scored) whose coverage clears --coverage by two "
+        "standard errors, or with --latency-ms the best covered whose latency (measured through the "
+        "latest export, fitted to the items scored) fits, and checks the choice on test users it never "
+        "saw. Writes DIR/tune/ (query.json, table.csv, table.md, tune.png); the next export takes the "
+        "choice as its query defaults.",
+    )
+    tu.add_argument("--workdir", required=True, help="a workdir with model/, embeddings/ and index/")
+    target = tu.add_mutually_exclusive_group()
+    target.add_argument(
+        "--coverage", type=float, default=None, help="coverage@k to reach on validation users (default 0.99)"
+    )
+    target.add_argument(
+        "--latency-ms",
+        type=float,
+        default=None,
+        help="batch-1 latency budget instead: the best coverage within it (needs an export to measure)",
+    )
+    tu.add_argument("--k", type=_positive_int, default=200, help="top-k the coverage is of (default 200)")
+    tu.add_argument(
+        "--users", type=_positive_int, default=200, help="validation users tuned on (default 200)"
+    )
+    tu.add_argument(
+        "--test-users",
+        type=_positive_int,
+        default=200,
+        help="test users the choice is checked on (default 200)",
+    )
+    tu.add_argument("--seed", type=int, default=0, help="seed of the user samples (default 0)")
+
     sw = sub.add_parser(
         "sweep",
         help="coverage and recall against %% of corpus scored, beam vs hnsw (PNG + CSV + JSON)",
@@ -297,28 +333,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer scored exhaustively to seed the walk (default: the highest layer with at "
         "least max(its ef, items/2000) nodes: layer 2 at 1.3M-4M items with M=32)",
     )
-    ex.add_argument("--k", type=_positive_int, default=200, help="default top-k (default 200)")
+    ex.add_argument(
+        "--k",
+        type=_positive_int,
+        default=None,
+        help="default top-k (default 200; with DIR/tune, the tuned k)",
+    )
     ex.add_argument(
         "--ef",
         type=_int_list,
-        default=(100, 200, 400),
-        help="default beam widths, top-down to layer 0 (default 100,200,400, the paper's)",
+        default=None,
+        help="default beam widths, top-down to layer 0 (default 100,200,400, the paper's; with "
+        "DIR/tune, the tuned ones)",
     )
     ex.add_argument(
         "--steps",
         type=_steps_list,
-        default=(1, 0, 5),
-        help="default most rounds T per layer, top-down (default 1,0,5: layer 1 is not walked; "
-        "the paper's is 1,1,3); "
+        default=None,
+        help="default most rounds T per layer, top-down (default 1,0,5, or the tuned ones: layer 1 "
+        "is not walked; the paper's is 1,1,3); "
         "each layer's loop stops early once no new item enters the beam; T 0 skips a layer's "
         "walk (its entry points go straight down), layer 0's T must be >= 1",
     )
     ex.add_argument(
         "--mode",
         choices=("beam", "beam_history"),
-        default="beam_history",
-        help="default search mode: beam_history (default: every --history-stride-th start-layer "
-        "node plus the user's own behaviours as entry points; with the default steps it holds "
+        default=None,
+        help="default search mode (with DIR/tune, the tuned one): beam_history (default: "
+        "every --history-stride-th start-layer node plus the user's own behaviours as entry points; "
+        "with the default steps it holds "
         "the paper's beam 1,1,3 coverage for about 0.6x of its items on large corpora) or beam "
         "(the start layer scored whole, then the walk; the paper's); both are always available "
         "per request",
@@ -326,9 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--history-stride",
         type=int,
-        default=2,
-        help="beam_history scores every F-th start-layer node (default 2); 0 skips the upper "
-        "layers and starts from the behaviours alone",
+        default=None,
+        help="beam_history scores every F-th start-layer node (default 2, or the tuned one); 0 skips "
+        "the upper layers and starts from the behaviours alone",
     )
     ex.add_argument(
         "--score-split",
@@ -492,22 +535,47 @@ def _sweep(args) -> int:
     return 0
 
 
-def _export(args) -> int:
-    from model_export.export import ExportConfig, export
+def _tune(args) -> int:
+    from model_export.tune import DEFAULT_COVERAGE, tune
 
-    path = export(
+    coverage = args.coverage if args.coverage is not None or args.latency_ms is not None else DEFAULT_COVERAGE
+    report = tune(
         args.workdir,
-        ExportConfig(
-            start_layer=args.start_layer,
-            k=args.k,
-            ef=args.ef,
-            steps=args.steps,
-            mode=args.mode,
-            history_stride=args.history_stride,
-            score_split=args.score_split,
-        ),
+        coverage=coverage,
+        latency_ms=args.latency_ms,
+        users=args.users,
+        test_users=args.test_users,
+        k=args.k,
+        seed=args.seed,
     )
-    print(path)
+    q, v, t = report["query"], report["validation"], report["test"]
+    print(
+        f"tuned: {q['mode']} stride {q['history_stride']} ef {','.join(map(str, q['ef']))} "
+        f"T {','.join(map(str, q['steps']))}: coverage@{report['k']} {v['coverage']:.4f} on "
+        f"{report['validation_users']} validation users, {t['coverage']:.4f} (lowest {t['lowest']:.3f}) "
+        f"on {report['test_users']} test users, {t['scored']:.0f} items scored "
+        f"({100 * t['scored'] / report['items']:.2f}% of the corpus); table in {args.workdir}/tune/"
+    )
+    return 0
+
+
+def _export(args) -> int:
+    import dataclasses
+
+    from model_export.export import QUERY_FIELDS, default_config, export
+
+    config = default_config(args.workdir)  # the tuned query defaults, if `tune` ran, else the built-in ones
+    given = {name: getattr(args, name) for name in QUERY_FIELDS if getattr(args, name) is not None}
+    if given:
+        source = (
+            "flags"
+            if len(given) == len(QUERY_FIELDS)
+            else f"{config.query_source}, flags for {', '.join(given)}"
+        )
+        config = dataclasses.replace(config, **given, query_source=source)
+    config = dataclasses.replace(config, start_layer=args.start_layer, score_split=args.score_split)
+    logger.info("query defaults from %s", config.query_source)
+    print(export(args.workdir, config))
     return 0
 
 
@@ -532,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": _evaluate,
         "export": _export,
         "sweep": _sweep,
+        "tune": _tune,
         "features": _features,
     }[args.command]
     try:

@@ -86,6 +86,27 @@ class ExportConfig:
     mode: str = DEFAULT_MODE
     history_stride: int = DEFAULT_HISTORY_STRIDE  # beam_history: every F-th start node; 0 = none
     score_split: int = DEFAULT_XLA_SCORE_SPLIT  # retrieve_xla: every scorer call as this many XLA calls
+    query_source: str = "built-in defaults"  # or the tuning (DIR/tune) they came from
+
+
+QUERY_FIELDS = ("k", "ef", "steps", "mode", "history_stride")
+
+
+def default_config(workdir: str | Path) -> ExportConfig:
+    """The export's query defaults for ``workdir``: the ones ``tune`` chose for its index when it
+    was tuned (``DIR/tune/query.json``), else the built-in ones.
+
+    Raises:
+      ArtifactError: ``DIR/tune`` is damaged or was tuned on another index.
+    """
+    from model_export.tune import TUNE_DIR, load_tuned
+
+    workdir = Path(workdir)
+    tuned = load_tuned(workdir, artifacts.read_meta(workdir / "index", "index", verify=False))
+    if tuned is None:
+        return ExportConfig()
+    values = {name: tuple(tuned[name]) if name in ("ef", "steps") else tuned[name] for name in QUERY_FIELDS}
+    return ExportConfig(**values, query_source=f"tuned ({TUNE_DIR}/)")
 
 
 def _params_for(start_layer: int, values: tuple[int, ...]) -> tuple[int, ...]:

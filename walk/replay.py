@@ -87,7 +87,7 @@ def exact_top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.stack([np.argsort(-row, kind="stable")[:k] for row in scores])
 
 
-def exact_scores(evaluation, chunk: int = 65536) -> np.ndarray:
+def exact_scores(evaluation, chunk: int = 65536, progress: bool = True) -> np.ndarray:
     """float32 [users, N]: every item's score for an :class:`Evaluation`'s users."""
     import tensorflow as tf
 
@@ -98,6 +98,6 @@ def exact_scores(evaluation, chunk: int = 65536) -> np.ndarray:
         state = model.user_state(hist_e, mask)
         for s in range(0, out.shape[1], chunk):
             out[u, s : s + chunk] = model.score(state, item_e[None, s : s + chunk]).numpy()[0]
-        if evaluation.num_users > 1:
+        if progress and evaluation.num_users > 1:
             print(f"scored user {u + 1}/{evaluation.num_users}", file=sys.stderr, flush=True)
     return out
