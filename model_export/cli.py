@@ -214,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=_positive_int, default=200, help="top-k to retrieve (default 200)")
     ev.add_argument(
         "--mode",
-        choices=("exhaustive", "beam", "beam_history", "hnsw", "beam_sets"),
+        choices=("exhaustive", "default", "beam", "beam_history", "hnsw", "beam_sets"),
         default="exhaustive",
-        help="search mode (default exhaustive; beam_sets = beam with raw set-op marking)",
+        help="search mode (default exhaustive; 'default' = the latest export's default query; "
+        "beam_sets = beam with raw set-op marking)",
     )
     ev.add_argument(
         "--ef",
@@ -500,9 +501,15 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from model_export.evaluate import EvalConfig, evaluate
 
+    mode = args.mode
+    if mode == "default":
+        from model_export.export import latest_export
+        from nann_common.contract import load_contract
+
+        mode = load_contract(latest_export(args.workdir), verify=False).default_mode
     config = EvalConfig(
         k=args.k,
-        mode=args.mode,
+        mode=mode,
         users=args.users,
         split=args.split,
         seed=args.seed,
