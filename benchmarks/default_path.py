@@ -393,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
             **header,
             "workdir": args.workdir.name,
             "items": meta["serving"]["num_items"],
-            "export_version": meta.get("version"),
             "query_defaults": meta["serving"]["defaults"],
             "load": {
                 "single_caller": f"one caller, one channel, Retrieve by user_id, whole stream, "

@@ -561,7 +561,9 @@ def _tune(args) -> int:
         f"T {','.join(map(str, q['steps']))}: coverage@{report['k']} {v['coverage']:.4f} on "
         f"{report['validation_users']} validation users, {t['coverage']:.4f} (lowest {t['lowest']:.3f}) "
         f"on {report['test_users']} test users, {t['scored']:.0f} items scored "
-        f"({100 * t['scored'] / report['items']:.2f}% of the corpus); table in {args.workdir}/tune/"
+        f"({100 * t['scored'] / report['items']:.2f}% of the corpus); the built-in default query on the "
+        f"same test users: {report['builtin']['coverage']:.4f} at {report['builtin']['scored']:.0f} items; "
+        f"table in {args.workdir}/tune/"
     )
     return 0
 

@@ -194,6 +194,11 @@ def tune(
         graph, test_scores, test.histories, chosen["candidate"], start, k, exact_top_k(test_scores, k)
     )
     held_out = _summary(test_cover, test_scored)
+    builtin = _builtin(start)
+    test_reference = exact_top_k(test_scores, k)
+    b_cover, b_scored = replay_candidate(
+        graph, test_scores, test.histories, builtin, start, k, test_reference
+    )
     report = {
         "target": {"coverage": coverage} if coverage is not None else {"latency_ms": latency_ms},
         "k": k,
@@ -203,6 +208,7 @@ def tune(
         "validation": _row_dict(chosen),
         "test": held_out,
         "test_meets_target": held_out["coverage"] >= coverage if coverage is not None else None,
+        "builtin": {"query": builtin.label, **_summary(b_cover, b_scored)},
         "validation_users": valid.num_users,
         "test_users": test.num_users,
         "latency_fit": timing,
@@ -210,6 +216,15 @@ def tune(
     }
     _write(workdir, report, rows, emb_meta, graph)
     return report
+
+
+def _builtin(start: int) -> Candidate:
+    """The export's built-in default query at this start layer, for comparison."""
+    from model_export.export import ExportConfig, _params_for
+
+    c = ExportConfig()
+    stride = c.history_stride if start else 1
+    return Candidate(c.mode, stride, _params_for(start, c.ef), _params_for(start, c.steps))
 
 
 def _default_ef() -> tuple[int, ...]:
@@ -331,7 +346,9 @@ def _write(workdir: Path, report: dict, rows: list[dict], emb_meta: dict, graph)
             f"Target {report['target']}; {report['validation_users']} validation users chose it, "
             f"{report['test_users']} test users checked it: coverage@{report['k']} "
             f"{report['validation']['coverage']:.4f} (validation) / {report['test']['coverage']:.4f} (test) "
-            f"at {report['test']['scored']:.0f} items scored.",
+            f"at {report['test']['scored']:.0f} items scored. The built-in default query "
+            f"({report['builtin']['query']}) on the same test users: {report['builtin']['coverage']:.4f} "
+            f"at {report['builtin']['scored']:.0f} items scored.",
             "",
             "| query | coverage (lowest) | items scored | meets |",
             "|---|---|---|---|",
@@ -363,7 +380,8 @@ def _plot(rows: list[dict], report: dict, path: Path) -> None:
     for mode, stride in STARTS:
         pts = [r for r in rows if (r["candidate"].mode, r["candidate"].history_stride) == (mode, stride)]
         if pts:
-            label = "beam" if mode == "beam" else f"beam_history, every {stride}. start node"
+            every = {1: "every", 2: "every 2nd", 4: "every 4th"}.get(stride, f"every {stride}th")
+            label = "beam" if mode == "beam" else f"beam_history, {every} start node"
             ax.scatter([r["scored"] for r in pts], [r["coverage"] for r in pts], s=14, label=label)
     ax.scatter(
         [report["validation"]["scored"]],
