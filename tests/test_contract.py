@@ -110,6 +110,8 @@ def test_settings_come_from_flags_then_environment_then_defaults(tmp_path):
     assert c.port == 7000 and c.max_k == 300 and c.allow_exhaustive is True
     assert c.features_spec == f"embedded:{tmp_path.parent / 'features'}"
     assert c.host == "127.0.0.1" and c.chunk_size == 200
+    # The measured best for a loaded server, with no flag to know: the XLA signature, one intra-op thread.
+    assert c.scorer == "auto" and c.intra_op_threads == 1
 
 
 @pytest.mark.parametrize(
@@ -121,8 +123,29 @@ def test_settings_come_from_flags_then_environment_then_defaults(tmp_path):
         (["--model", "m"], {"NANN_WORKERS": "many"}, "NANN_WORKERS='many' is not a valid int"),
         (["--model", "m", "--tls-cert", "c.pem"], {}, "--tls-cert and --tls-key go together"),
         (["--model", "m", "--max-k", "0"], {}, "--max-k must be >= 1"),
+        (["--model", "m", "--scorer", "fast"], {}, "--scorer must be auto, xla or stock"),
     ],
 )
 def test_bad_settings_name_the_flag(argv, env, message):
     with pytest.raises(server_config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         server_config.load_config(argv, env)
+
+
+def test_the_in_process_backend_runs_the_xla_signature_unless_told_or_unable(served_workdir):
+    import dataclasses
+
+    from nann_common.errors import NannError
+    from server.backends import InProcessBackend
+    from server.metrics import Metrics
+
+    current = contract.latest_contract(served_workdir / "export")
+    older = dataclasses.replace(current, xla_batches=())  # an export from before retrieve_xla
+
+    def signature(scorer, c):
+        return InProcessBackend(served_workdir / "export", Metrics(), scorer=scorer)._signature(c)
+
+    assert signature("auto", current) == contract.XLA_SIGNATURE
+    assert signature("stock", current) == contract.RETRIEVE_SIGNATURE
+    assert signature("auto", older) == contract.RETRIEVE_SIGNATURE
+    with pytest.raises(NannError, match="--scorer stock"):
+        signature("xla", older)
