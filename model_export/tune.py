@@ -129,7 +129,7 @@ def _users(workdir: Path, split: str, users: int, seed: int):
     logger.info(
         "exact scores of %d %s users over %d items", evaluation.num_users, split, len(evaluation.item_e)
     )
-    return evaluation, exact_scores(evaluation, progress=False)
+    return evaluation, exact_scores(evaluation)
 
 
 def tune(

@@ -98,6 +98,7 @@ def exact_scores(evaluation, chunk: int = 65536, progress: bool = True) -> np.nd
         state = model.user_state(hist_e, mask)
         for s in range(0, out.shape[1], chunk):
             out[u, s : s + chunk] = model.score(state, item_e[None, s : s + chunk]).numpy()[0]
-        if progress and evaluation.num_users > 1:
+        every = max(1, evaluation.num_users // 10)
+        if progress and evaluation.num_users > 1 and ((u + 1) % every == 0 or u + 1 == evaluation.num_users):
             print(f"scored user {u + 1}/{evaluation.num_users}", file=sys.stderr, flush=True)
     return out
