@@ -230,13 +230,21 @@ def test_sweep_varies_the_upper_layers_when_asked(workdir, tmp_path):
     assert args.beam_upper == ((100, 200), (400, 400))
 
 
-def test_command_line_defaults_are_the_export_defaults():
+def test_command_line_leaves_the_query_to_the_tuning_or_the_built_in_defaults():
+    """export's query flags default to None: the tuned query (DIR/tune) if any, else ExportConfig's."""
     args = cli.build_parser().parse_args(["export", "--workdir", "w"])
-    assert tuple(args.ef) == export_module.DEFAULT_EF and tuple(args.steps) == export_module.DEFAULT_STEPS
-    assert args.k == export_module.DEFAULT_K
-    assert args.mode == export_module.DEFAULT_MODE
-    assert args.history_stride == export_module.DEFAULT_HISTORY_STRIDE
+    assert all(getattr(args, name) is None for name in export_module.QUERY_FIELDS)
     assert args.score_split == export_module.DEFAULT_XLA_SCORE_SPLIT
+    built_in = ExportConfig()
+    assert (built_in.ef, built_in.steps, built_in.k) == (
+        export_module.DEFAULT_EF,
+        export_module.DEFAULT_STEPS,
+        export_module.DEFAULT_K,
+    )
+    assert (built_in.mode, built_in.history_stride) == (
+        export_module.DEFAULT_MODE,
+        export_module.DEFAULT_HISTORY_STRIDE,
+    )
 
 
 @pytest.fixture(scope="module")

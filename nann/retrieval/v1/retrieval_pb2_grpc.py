@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RetrieverStub:
-    """Beam-retrieval over an HNSW graph with the model's own scorer (DESIGN.md).
+    """Beam-retrieval over an HNSW graph with the model's own scorer (docs/pipeline.md, "The SavedModel").
     """
 
     def __init__(self, channel):
@@ -43,7 +43,7 @@ class RetrieverStub:
 
 
 class RetrieverServicer:
-    """Beam-retrieval over an HNSW graph with the model's own scorer (DESIGN.md).
+    """Beam-retrieval over an HNSW graph with the model's own scorer (docs/pipeline.md, "The SavedModel").
     """
 
     def Retrieve(self, request, context):
@@ -73,7 +73,7 @@ def add_RetrieverServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Retriever:
-    """Beam-retrieval over an HNSW graph with the model's own scorer (DESIGN.md).
+    """Beam-retrieval over an HNSW graph with the model's own scorer (docs/pipeline.md, "The SavedModel").
     """
 
     @staticmethod
