@@ -160,6 +160,11 @@ def tune(
         raise InputError(f"--latency-ms must be > 0, got {latency_ms}")
     if users < 2 or test_users < 2:
         raise InputError(f"--users and --test-users must be >= 2, got {users} and {test_users}")
+    if latency_ms is not None:
+        # Timed as the server runs by default: one intra-op thread (set before TensorFlow starts).
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
     emb_meta = artifacts.read_meta(workdir / "embeddings", "embeddings")
     graph = graph_lib.load_graph(workdir / "index", embeddings_digest=artifacts.digest(emb_meta))
     sizes = [len(n) for n in graph.nodes]
@@ -274,7 +279,6 @@ def _fit_latency(workdir: Path, rows: list[dict], valid, start: int) -> dict:
     runnable = [r for r in rows if r["candidate"].mode == "beam" or r["candidate"].history_stride == stride]
     runnable.sort(key=lambda r: r["scored"])
     picks = [runnable[int(i)] for i in np.unique(np.linspace(0, len(runnable) - 1, 8).round())]
-    tf.config.threading.set_intra_op_parallelism_threads(1)
     model = tf.saved_model.load(str(path))
     name = contract_lib.XLA_SIGNATURE if served.has_xla_signature else contract_lib.RETRIEVE_SIGNATURE
     fn = model.signatures[name]
