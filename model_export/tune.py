@@ -280,17 +280,18 @@ def _fit_latency(workdir: Path, rows: list[dict], valid, start: int) -> dict:
     runnable.sort(key=lambda r: r["scored"])
     picks = [runnable[int(i)] for i in np.unique(np.linspace(0, len(runnable) - 1, 8).round())]
     model = tf.saved_model.load(str(path))
+    ids = served.item_ids()  # read once: every timed call maps its user's history through it
     name = contract_lib.XLA_SIGNATURE if served.has_xla_signature else contract_lib.RETRIEVE_SIGNATURE
     fn = model.signatures[name]
     if served.has_xla_signature:  # compile every shape first: the timings are of warm calls
-        model.signatures[contract_lib.XLA_WARMUP_SIGNATURE](history=tf.constant(_history(valid, 0, path)))
+        model.signatures[contract_lib.XLA_WARMUP_SIGNATURE](history=tf.constant(_history(valid, 0, ids)))
     points = []
     for row in picks:
         cand = row["candidate"]
         query = contract_lib.Query(served.default_k, cand.ef, cand.steps, cand.mode)
         times = []
         for u in range(min(valid.num_users, 60)):
-            inputs = contract_lib.retrieve_inputs(_history(valid, u, path), query)
+            inputs = contract_lib.retrieve_inputs(_history(valid, u, ids), query)
             t = time.perf_counter()
             fn(**{key: tf.constant(v) for key, v in inputs.items()})
             times.append(time.perf_counter() - t)
@@ -310,12 +311,10 @@ def _fit_latency(workdir: Path, rows: list[dict], valid, start: int) -> dict:
     }
 
 
-def _history(evaluation, u: int, path: Path) -> np.ndarray:
-    from nann_common.contract import ITEM_IDS_FILE
-
-    ids = np.load(path / ITEM_IDS_FILE)
+def _history(evaluation, u: int, item_ids: np.ndarray) -> np.ndarray:
+    """User ``u``'s behaviours as the export takes them: original ids [1, L]."""
     h = evaluation.histories[u]
-    return ids[h[h >= 0]][None].astype(np.int64)
+    return item_ids[h[h >= 0]][None].astype(np.int64)
 
 
 def _query_dict(cand: Candidate, k: int) -> dict:
