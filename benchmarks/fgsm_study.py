@@ -218,6 +218,9 @@ def analyse(workdir: Path, splits: list[str], users: int, k: int, probe_eps: flo
     scores = all_scores(model, item_e, histories)
     reference = exact_top_k(scores, k)
     hit_all = recall_at_k(reference, targets)
+    dataset = ev.dataset
+    popular = np.argsort(-dataset.item_counts(dataset.train_users), kind="stable")[:k]
+    training = meta.get("training", {})
     result = {
         "run": workdir.name,
         "arch": meta["params"]["arch"],
@@ -227,9 +230,13 @@ def analyse(workdir: Path, splits: list[str], users: int, k: int, probe_eps: flo
         "seed": meta["params"]["seed"],
         "users": len(targets),
         "items": len(item_e),
-        "final_loss": meta.get("training", {}).get("final_loss"),
-        "train_examples_per_second": meta.get("training", {}).get("examples_per_second"),
+        "final_loss": training.get("final_loss"),
+        "train_examples_per_second": training.get("examples_per_second"),
+        "train_peak_rss_mib": training.get("peak_rss_mib"),
+        "corpus": artifacts.read_meta(workdir / "dataset", "dataset", verify=False).get("counts", {}),
         "recall_all": mean_se(hit_all),
+        # The baseline every model must beat: the k items most frequent among training users.
+        "popularity_recall": mean_se(np.isin(targets, popular).astype(np.float64)),
         "queries": {},
     }
     per_user = {"recall_all": hit_all}
@@ -312,6 +319,11 @@ def analysed(workdir: Path, splits, users, k, probe_eps) -> tuple[dict, dict]:
 
 def _pm(pair, scale: float = 100.0, digits: int = 2) -> str:
     return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
+
+
+def _number(value) -> str:
+    """A whole number for a table cell; blank when an older cached analysis lacks it."""
+    return "" if value is None else f"{value:,.0f}"
 
 
 def _paired(per_user: dict, run: str, base: str, metric: str) -> tuple[float, float]:
@@ -512,9 +524,23 @@ def markdown(report: dict, per_user: dict, plots: list[str]) -> str:
         "",
         "### Table 3",
         "",
+    ]
+    counts = first.get("corpus") or {}
+    if counts:
+        lines.append(
+            f"Corpus: {counts.get('items', '?'):,} items, {counts.get('users_kept', '?'):,} users kept, "
+            f"{counts.get('rows', '?'):,} rows."
+        )
+    if "popularity_recall" in first:
+        lines.append(
+            f"Popularity baseline (the {k} items most frequent among training users, same users): "
+            f"recall {_pm(first['popularity_recall'])}."
+        )
+    lines += [
+        "",
         "| model | FGSM eps | seed | recall-all | query | recall-retrieval | recall-Δ | coverage | "
-        "Δ coverage vs no FGSM | items scored % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Δ coverage vs no FGSM | items scored % | train ex/s | train peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch in ("two_sided", "dnn", "din"):
         for seed in (0, 1):
@@ -533,7 +559,9 @@ def markdown(report: dict, per_user: dict, plots: list[str]) -> str:
                     lines.append(
                         f"| {arch} | {eps:g} | {seed} | {_pm(r['recall_all'])} | {label} | "
                         f"{_pm(q['recall_retrieval'])} | {_pm(q['recall_delta'])} | {_pm(q['coverage'])} | "
-                        f"{diff} | {q['scored_percent']:.2f} |"
+                        f"{diff} | {q['scored_percent']:.2f} | "
+                        f"{_number(r.get('train_examples_per_second'))} | "
+                        f"{_number(r.get('train_peak_rss_mib'))} |"
                     )
     spread = []
     for eps in (0.0, PAPER_EPS):

@@ -175,15 +175,20 @@ class Evaluation:
         os.replace(tmp, path)
         return ids
 
+    def read_export_meta(self) -> dict:
+        """The latest export's meta.json (read without loading the SavedModel)."""
+        if self.export_meta is None:
+            from model_export.export import latest_export
+
+            self.export_path = latest_export(self.workdir)
+            self.export_meta = artifacts.read_meta(self.export_path, "saved_model")
+        return self.export_meta
+
     def saved_model(self):
         """The latest exported SavedModel, loaded as TF Serving would (tf.saved_model.load)."""
         if self._saved_model is None:
-            from model_export.export import latest_export
-
-            path = latest_export(self.workdir)
-            self.export_path = path
-            self.export_meta = artifacts.read_meta(path, "saved_model")
-            self._saved_model = tf.saved_model.load(str(path))
+            self.read_export_meta()
+            self._saved_model = tf.saved_model.load(str(self.export_path))
         return self._saved_model
 
     def retrieve(self, mode: str, k: int, ef=None, steps=None, progress: bool = True):

@@ -125,8 +125,7 @@ def sweep(
 ) -> list[dict]:
     """Runs the grid (the module's defaults where a grid is None) and writes CSV, JSON and PNG."""
     evaluation = Evaluation(workdir, split, users, seed)
-    evaluation.saved_model()
-    params = evaluation.export_meta["params"]
+    params = evaluation.read_export_meta()["params"]
     grid = settings(
         params["ef"],
         params["steps"],

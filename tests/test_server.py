@@ -150,6 +150,7 @@ def test_per_request_parameters_reach_the_model(stub, snapshot, saved_model):
 XLA_COMPILED = "Compilation of XLA executable"
 
 
+@pytest.mark.e2e
 def test_no_call_after_serving_pays_for_a_compilation(start_server, served_workdir, snapshot):
     """The warm-up compiles the XLA scorer at every shape a default-query call can take: after
     SERVING, calls of every history length, stored and inline, compile nothing (XLA logs each
@@ -384,6 +385,7 @@ def test_fuzz_ten_thousand_random_requests(server, snapshot):
 # -- servers of their own -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_health_is_serving_only_after_the_warm_up(start_server, served_workdir):
     server = start_server("--model", str(served_workdir / "export"), wait=False)
     seen: list[str] = []
@@ -512,6 +514,7 @@ def test_hot_reload_under_load_fails_no_request_and_a_damaged_version_is_refused
     assert trailer["nann-model-version"] == "2"
 
 
+@pytest.mark.e2e
 def test_micro_batched_answers_equal_single_calls(start_server, served_workdir, snapshot, saved_model):
     server = start_server(
         "--model", str(served_workdir / "export"), "--max-batch", "8", "--batch-window-ms", "20"
@@ -533,6 +536,7 @@ def test_micro_batched_answers_equal_single_calls(start_server, served_workdir, 
     assert _sum(_samples(server.metrics_text()), "nann_batch_users_sum") == 8
 
 
+@pytest.mark.e2e
 def test_a_cancelled_call_is_dropped_before_the_model_runs_it(start_server, served_workdir, snapshot):
     # A 2 s batching window holds the call in the queue; the client cancels it meanwhile.
     server = start_server(

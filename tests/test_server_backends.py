@@ -96,6 +96,7 @@ def test_redis_round_trip_equals_the_snapshot(shared_redis, snapshot):
     store.close()
 
 
+@pytest.mark.e2e
 def test_server_on_redis_answers_as_on_the_embedded_store(
     start_server, served_workdir, shared_redis, snapshot
 ):
@@ -108,6 +109,7 @@ def test_server_on_redis_answers_as_on_the_embedded_store(
         ]
 
 
+@pytest.mark.e2e
 def test_an_appended_behaviour_changes_the_next_answer(start_server, served_workdir, shared_redis, snapshot):
     server = start_server("--model", str(served_workdir / "export"), "--features", shared_redis)
     user = str(snapshot["users"][4])
@@ -139,6 +141,7 @@ def test_an_appended_behaviour_changes_the_next_answer(start_server, served_work
     assert trailer["nann-history-length"] == str(len(expect))
 
 
+@pytest.mark.e2e
 def test_unavailable_while_redis_is_down_and_recovers_by_itself(
     start_server, served_workdir, snapshot, tmp_path
 ):
@@ -220,6 +223,7 @@ class PredictionServiceDouble:
         self.server.stop(0).wait()
 
 
+@pytest.mark.e2e
 def test_tfserving_backend_answers_as_the_in_process_one(start_server, served_workdir, snapshot):
     double = PredictionServiceDouble(served_workdir / "export", "nann")
     try:
@@ -269,6 +273,7 @@ def test_warmup_records_are_predict_requests_tf_serving_can_replay(served_workdi
     assert 1 <= len(sizes) <= 1000 and set(sizes) == {1, 4, 16, 32}
 
 
+@pytest.mark.e2e
 def test_tls_serves_a_client_that_trusts_the_certificate(start_server, served_workdir, snapshot, tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (Debian package openssl)")
