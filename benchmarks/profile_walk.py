@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for batch in args.batch:
         hist = histories(store, item_ids, contract.max_len, batch, args.seed + batch)
-        feed = {feeds[n]: v for n, v in contract_lib.retrieve_inputs(hist, query).items()}
+        feed = {feeds[n]: v for n, v in contract.inputs(hist, query).items()}
         for _ in range(args.warmup):
             sess.run(fetches, feed)
         untraced = []

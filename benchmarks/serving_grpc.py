@@ -88,7 +88,7 @@ def model_alone(
 
     def one(h):
         known, _ = contract.known_history(item_ids, h, c.max_len)
-        run(contract.retrieve_inputs(known[None, :], q))
+        run(c.inputs(known[None, :], q))
 
     for h in histories[:warmup]:
         one(h)

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, (runner, query) in queries.items():
         found, cost = [], []
         for s in range(0, len(histories), 32):
-            out = runners[runner](contract.retrieve_inputs(histories[s : s + 32], query))
+            out = runners[runner](contracts[runner[0]].inputs(histories[s : s + 32], query))
             found.extend(np.searchsorted(ids, out["item_ids"]))
             cost.extend(out["scored"])
         cover = np.array([len(np.intersect1d(a, b)) / args.k for a, b in zip(found, reference, strict=True)])
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for q in range(args.warmup + args.queries):
             users = histories[rng.choice(len(histories), batch)]
             for label, (runner, query) in queries.items():
-                inputs = contract.retrieve_inputs(users, query)
+                inputs = contracts[runner[0]].inputs(users, query)
                 started = time.perf_counter()
                 out = runners[runner](inputs)
                 if q >= args.warmup:

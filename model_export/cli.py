@@ -40,6 +40,17 @@ def _ints(text: str, example: str = "100,200,400") -> tuple[int, ...]:
         ) from e
 
 
+def _share_list(text: str) -> tuple[float, ...]:
+    """Comma-separated shares in (0, 1]."""
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every share must be in (0, 1], got {text!r}")
+    return values
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     values = _ints(text)
     if not values or min(values) < 1:
@@ -245,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the --users sample (default 0)")
     ev.add_argument(
         "--json", action="store_true", help="print the result as one JSON object on the last line"
+    )
+    ev.add_argument(
+        "--filter-selectivity",
+        type=_share_list,
+        default=None,
+        help="measure filters instead: the default query under category allow-lists drawn to allow "
+        "each of these shares of the items (e.g. 0.5,0.1,0.01,0.001), and under exclusions of the "
+        "user's history and of 1k / 10k random items, against exhaustive search under the same filter; "
+        "writes DIR/eval/filters/ (--users default 200 here)",
+    )
+    ev.add_argument(
+        "--exclude-history",
+        action="store_true",
+        help="with --filter-selectivity: every filter also excludes the user's history",
     )
 
     tu = sub.add_parser(
@@ -500,6 +525,25 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from model_export.evaluate import EvalConfig, evaluate
+
+    if args.filter_selectivity is not None:
+        from model_export import filter_eval
+
+        result = filter_eval.filter_study(
+            args.workdir,
+            args.filter_selectivity,
+            exclude_history=args.exclude_history,
+            users=args.users or 200,
+            k=args.k,
+            split=args.split,
+            seed=args.seed,
+        )
+        folder = filter_eval.write(args.workdir, result)
+        print(json.dumps(result) if args.json else filter_eval.markdown(result))
+        logger.info("wrote %s/{result.json,table.md}", folder)
+        return 0
+    if args.exclude_history:
+        raise NannError("--exclude-history goes with --filter-selectivity")
 
     mode = args.mode
     if mode == "default":

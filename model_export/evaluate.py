@@ -212,14 +212,9 @@ class Evaluation:
             disable=None if progress else True,
         ):
             h = self.histories[start : start + self.user_batch]
+            inputs = serving.inputs(np.where(h >= 0, original[np.maximum(h, 0)], -1), query)
+            out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
             b = len(h)
-            out = fn(
-                history=tf.constant(np.where(h >= 0, original[np.maximum(h, 0)], -1), tf.int64),
-                k=tf.fill([b], k),
-                ef=tf.constant([ef] * b, tf.int32),
-                steps=tf.constant([steps] * b, tf.int32),
-                mode=tf.constant([mode] * b),
-            )
             ids[start : start + b] = np.searchsorted(original, out["item_ids"].numpy())
             scored[start : start + b] = out["scored"].numpy()
         return ids, scored

@@ -38,6 +38,7 @@ Bad input fails with InvalidArgument and a message that says how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -73,6 +74,22 @@ DEFAULT_XLA_SCORE_SPLIT = 2
 # Batch sizes the XLA scorer is compiled for: a batch is padded up to the next of these.
 XLA_BATCHES = tuple(2**i for i in range(11))
 EXPORT_DIR = "export"
+# Filters: layer 0's ef grows as allowed share ** -SELECTIVE_POWER, at most SELECTIVE_EF times; a walk that
+# found fewer than min(k, allowed) items walks again with layer 0's ef and T times WIDEN_*; the
+# exact answer over a row's allowed items is gathered by category up to EXACT_GATHER_LIMIT items
+# per row (a scan of the corpus beyond).
+WIDEN_EF = 4
+WIDEN_STEPS = 2
+SELECTIVE_POWER = 0.6
+SELECTIVE_EF = 8.0
+# A filtered walk also starts from one item of each category an allow-list names (the item nearest
+# the category's mean e_v), when it names at most this many.
+ENTRY_CATEGORIES = 512
+EXACT_GATHER_LIMIT = 1 << 18
+# The planner scores a filter's allowed items exactly when every row allows at most this many
+# times the items the default query walks through (measured at export), times the walk's growth
+# under the filter (docs/parameters.md, Filters).
+EXACT_COST_FACTOR = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +103,7 @@ class ExportConfig:
     mode: str = DEFAULT_MODE
     history_stride: int = DEFAULT_HISTORY_STRIDE  # beam_history: every F-th start node; 0 = none
     score_split: int = DEFAULT_XLA_SCORE_SPLIT  # retrieve_xla: every scorer call as this many XLA calls
+    exact_below: int | None = None  # filters: score the allowed items exactly up to this many (None: rule)
     query_source: str = "built-in defaults"  # or the tuning (DIR/tune) they came from
 
 
@@ -144,6 +162,22 @@ class RetrievalModule(tf.Module):
         self.item_e = tf.Variable(item_e.astype(np.float32), trainable=False, name="item_embeddings")
         self.item_ids = tf.Variable(np.asarray(item_ids, np.int64), trainable=False, name="item_ids")
         self.graph = search.GraphTensors(list(graph.nodes), list(graph.neighbors), graph.entry_point)
+        # Filters: each item's category, and the items grouped by category (offsets[c] to
+        # offsets[c + 1] in category_items), so that a category allow-list is a gather, not a scan.
+        item_category = np.asarray(model.item_category.numpy(), np.int32)
+        self.num_categories = int(model.config.num_categories)
+        by_category = np.argsort(item_category, kind="stable").astype(np.int32)
+        offsets = np.searchsorted(item_category[by_category], np.arange(self.num_categories + 1))
+        self.item_category = tf.Variable(item_category, trainable=False, name="item_category")
+        self.category_items = tf.Variable(by_category, trainable=False, name="category_items")
+        self.category_offsets = tf.Variable(
+            offsets.astype(np.int32), trainable=False, name="category_offsets"
+        )
+        self.category_entries = tf.Variable(
+            category_entries(item_e, item_category, self.num_categories),
+            trainable=False,
+            name="category_entries",
+        )
         ef0 = config.ef[-1]
         start = config.start_layer
         if start is None:
@@ -202,6 +236,11 @@ class RetrievalModule(tf.Module):
             fixed=[len(start_nodes), len(thin)] if start > 0 else [],
         )
 
+        # Set by export() from a measured walk unless the config names it; read per request.
+        if config.exact_below is not None and config.exact_below < 0:
+            raise InputError(f"--exact-below must be >= 0, got {config.exact_below}")
+        self.exact_below = tf.Variable(np.int32(config.exact_below or 0), trainable=False, name="exact_below")
+
         depth = start + 1
         history = tf.TensorSpec([None, None], tf.int64, name="history")
         params = [
@@ -210,10 +249,14 @@ class RetrievalModule(tf.Module):
             tf.TensorSpec([None, depth], tf.int32, name="ef"),
             tf.TensorSpec([None, depth], tf.int32, name="steps"),
             tf.TensorSpec([None], tf.string, name="mode"),
+            tf.TensorSpec([None, None], tf.int64, name="exclude_items"),
+            tf.TensorSpec([None], tf.bool, name="exclude_history"),
+            tf.TensorSpec([None, None], tf.int32, name="allow_categories"),
+            tf.TensorSpec([None, None], tf.int32, name="exclude_categories"),
         ]
         self.serve_default = tf.function(self._serve_default, input_signature=[history])
-        self.retrieve = tf.function(self._retrieve_stock, input_signature=params)
-        self.retrieve_xla = tf.function(self._retrieve_xla, input_signature=params)
+        self.retrieve = tf.function(self._retrieve_fn(xla=False), input_signature=params)
+        self.retrieve_xla = tf.function(self._retrieve_fn(xla=True), input_signature=params)
         self.warmup_xla = tf.function(self._warmup_xla, input_signature=[history])
 
     def _state_spec(self, dim: int) -> dict:
@@ -307,11 +350,17 @@ class RetrievalModule(tf.Module):
             tf.constant(self.default_mode),
         )
 
-    def _retrieve_stock(self, history, k, ef, steps, mode):
-        return self._retrieve_signature(history, k, ef, steps, mode, xla=False)
+    def _retrieve_fn(self, xla: bool):
+        """``retrieve`` (stock scorer) or ``retrieve_xla``: the inputs by name, as signatures take them."""
 
-    def _retrieve_xla(self, history, k, ef, steps, mode):
-        return self._retrieve_signature(history, k, ef, steps, mode, xla=True)
+        def retrieve(
+            history, k, ef, steps, mode, exclude_items, exclude_history, allow_categories, exclude_categories
+        ):
+            filters = (exclude_items, exclude_history, allow_categories, exclude_categories)
+            return self._retrieve_signature(history, k, ef, steps, mode, filters, xla=xla)
+
+        retrieve.__name__ = "_retrieve_xla" if xla else "_retrieve_stock"
+        return retrieve
 
     def _warmup_xla(self, history):
         """Runs the XLA scorer at every width of :attr:`xla_widths` for this batch size."""
@@ -334,7 +383,8 @@ class RetrievalModule(tf.Module):
         short = tf.maximum(self.max_len - tf.shape(dense)[1], 0)
         return tf.pad(dense, [[0, 0], [0, short]], constant_values=-1)
 
-    def _retrieve_signature(self, history, k, ef, steps, mode, xla: bool):
+    def _retrieve_signature(self, history, k, ef, steps, mode, filters, xla: bool):
+        rows = tf.shape(history)[0]
         same = [
             tf.debugging.Assert(
                 tf.reduce_all(k == k[0])
@@ -344,15 +394,19 @@ class RetrievalModule(tf.Module):
                 ["all rows of a request must share k, ef, steps and mode"],
             ),
             tf.debugging.assert_equal(
-                tf.shape(k)[0],
-                tf.shape(history)[0],
-                message="k, ef, steps and mode need one row per history row",
+                tf.shape(k)[0], rows, message="k, ef, steps and mode need one row per history row"
+            ),
+            *(
+                tf.debugging.assert_equal(
+                    tf.shape(f)[0], rows, message="every filter input needs one row per history row"
+                )
+                for f in filters
             ),
         ]
         with tf.control_dependencies(same):
-            return self._run(history, k[0], ef[0], steps[0], mode[0], xla)
+            return self._run(history, k[0], ef[0], steps[0], mode[0], xla, filters)
 
-    def _run(self, history, k, ef, steps, mode, xla: bool = False):
+    def _run(self, history, k, ef, steps, mode, xla: bool = False, filters=None):
         # item_ids is read whole (searchsorted needs it) and gathered from that one read: a gather
         # on the variable itself (ResourceGather) puts it in copy-on-read mode, after which every
         # whole read copies it (31 MB per request at 3.9M items).
@@ -375,38 +429,57 @@ class RetrievalModule(tf.Module):
         ef_list = [ef[i] for i in range(self.start_layer + 1)]
         steps_list = [steps[i] for i in range(self.start_layer + 1)]
 
-        def walk(start, **options):
-            # A walk that starts lower takes the lower layers' entries.
-            return search.beam_retrieval(
-                self.graph,
-                score_fn,
-                self.item_e,
-                batch,
-                k,
-                ef_list[-start - 1 :],
-                steps_list[-start - 1 :],
-                start,
-                **options,
-            )
+        def walks(ef_list, steps_list, flt=None, entries=None):
+            """Per mode, its search -> (ids, scores, scored); with a filter, the walks' filtered
+            forms -> (ids, scores, scored, removed)."""
 
-        def beam(marking):
-            return lambda: walk(self.start_layer, marking=marking, start_e=self.start_e)
+            def walk(start, **options):
+                # A walk that starts lower takes the lower layers' entries.
+                return search.beam_retrieval(
+                    self.graph,
+                    score_fn,
+                    self.item_e,
+                    batch,
+                    k,
+                    ef_list[-start - 1 :],
+                    steps_list[-start - 1 :],
+                    start,
+                    flt=flt,
+                    **options,
+                )
 
-        def beam_history():
-            return walk(
-                self.start_layer if self.history_stride else 0,
-                start_nodes=self.history_start_nodes,
-                seeds=dense,
-                start_e=self.history_start_e,
-            )
+            # A filtered walk also starts from one item of each allowed category (entries).
+            def beam(marking):
+                # (A start layer 0 scores every item already: no seeds there.)
+                seeds = entries if self.start_layer > 0 else None
+                return lambda: walk(self.start_layer, marking=marking, start_e=self.start_e, seeds=seeds)
 
-        branches = {
-            "beam": beam("bitmap"),
-            "beam_history": beam_history,
-            "beam_sets": beam("sets"),
-            "hnsw": lambda: search.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[-1]),
-            "exhaustive": lambda: search.exhaustive_retrieval(score_fn, self.item_e, batch, k),
-        }
+            def beam_history():
+                return walk(
+                    self.start_layer if self.history_stride else 0,
+                    start_nodes=self.history_start_nodes,
+                    seeds=dense if entries is None else tf.concat([dense, entries], axis=1),
+                    start_e=self.history_start_e,
+                )
+
+            def hnsw():
+                if flt is None:
+                    return search.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[-1])
+                # HNSW's walk knows no filter: its whole layer-0 result set, filtered.
+                ids, scores, scored = search.hnsw_retrieval(
+                    self.graph, score_fn, self.item_e, batch, ef_list[-1], ef_list[-1]
+                )
+                found = search.Found.start(ids, scores, flt.allows(ids), k)
+                return found[0], found[1], scored, found[2]
+
+            return {
+                "beam": beam("bitmap"),
+                "beam_history": beam_history,
+                "beam_sets": beam("sets"),
+                "hnsw": hnsw,
+                "exhaustive": lambda: search.exhaustive_retrieval(score_fn, self.item_e, batch, k),
+            }
+
         match = tf.equal(mode, list(MODES))
         with tf.control_dependencies(
             [
@@ -418,12 +491,191 @@ class RetrievalModule(tf.Module):
             # One N-way switch (a Case op): a chain of conds would route every captured tensor of
             # the later branches through a Switch per level, hundreds of ops per request.
             index = tf.identity(tf.argmax(tf.cast(match, tf.int32), output_type=tf.int32))
-        ids, scores, scored = tf.switch_case(index, [branches[n] for n in MODES])
+
+        def unfiltered():
+            branches = walks(ef_list, steps_list)
+            return tf.switch_case(index, [branches[n] for n in MODES])
+
+        if filters is None:
+            ids, scores, scored = unfiltered()
+            return {"item_ids": tf.gather(item_ids, tf.maximum(ids, 0)), "scores": scores, "scored": scored}
+
+        flt, allowed, active, entries = self._filter(dense, item_ids, *filters)
+
+        def plain():
+            zeros = tf.zeros([batch], tf.int32)
+            return (*unfiltered(), zeros, zeros)
+
+        def filtered():
+            return self._filtered(
+                flt, allowed, entries, k, ef_list, steps_list, index, walks, score_fn, batch
+            )
+
+        # A request without a filter runs exactly the unfiltered walk.
+        ids, scores, scored, plan, removed = tf.cond(tf.reduce_any(active), filtered, plain)
         return {
-            "item_ids": tf.gather(item_ids, tf.maximum(ids, 0)),
+            "item_ids": tf.where(ids >= 0, tf.gather(item_ids, tf.maximum(ids, 0)), contract.PAD_ID),
             "scores": scores,
             "scored": scored,
+            "plan": plan,
+            "removed": removed,
         }
+
+    # -- filters -------------------------------------------------------------------
+    def _filter(self, dense, item_ids, exclude_items, exclude_history, allow_categories, exclude_categories):
+        """The filter inputs -> (a :class:`walk.search.Filter`, allowed items per row [B], whether a
+        row has any filter [B], extra entry points [B, m] -1 padded: one item of each category a
+        row's allow-list names, when it names at most ENTRY_CATEGORIES). Unknown item ids and
+        category indices are ignored."""
+        n, c = self.num_items, self.num_categories
+        batch = tf.shape(dense)[0]
+        pos = tf.searchsorted(item_ids, tf.reshape(tf.maximum(exclude_items, 0), [-1]), out_type=tf.int32)
+        pos = tf.reshape(tf.minimum(pos, n - 1), tf.shape(exclude_items))
+        known = (exclude_items >= 0) & (tf.gather(item_ids, pos) == exclude_items)
+        from_history = tf.where(exclude_history[:, None] & (dense >= 0), dense, n)
+        excluded = tf.sort(
+            tf.concat([tf.where(known, pos, n), from_history, tf.fill([batch, 1], n)], axis=1), axis=1
+        )
+
+        def category_mask(cats):
+            valid = (cats >= 0) & (cats < c)
+            at = tf.where(valid, tf.range(batch)[:, None] * c + cats, batch * c)
+            at = tf.reshape(at, [-1])
+            hits = tf.math.unsorted_segment_sum(tf.ones_like(at), at, batch * c + 1)
+            return tf.reshape(hits[:-1] > 0, [batch, c]), tf.reduce_any(valid, axis=1)
+
+        allow, has_allow = category_mask(allow_categories)
+        deny, has_deny = category_mask(exclude_categories)
+        category_ok = tf.where(has_allow[:, None], allow, True) & ~deny
+        flt = search.Filter(tf.convert_to_tensor(self.item_category), category_ok, excluded)
+        # Allowed items per row: the allowed categories' sizes, less the excluded items in them.
+        offsets = tf.convert_to_tensor(self.category_offsets)
+        sizes = offsets[1:] - offsets[:-1]
+        in_categories = tf.reduce_sum(tf.where(category_ok, sizes[None], 0), axis=1)
+        first = tf.concat([tf.ones([batch, 1], tf.bool), excluded[:, 1:] != excluded[:, :-1]], axis=1)
+        counted = flt.allows(tf.where(first & (excluded < n), excluded, -1), check_excluded=False)
+        allowed = in_categories - tf.reduce_sum(tf.cast(counted, tf.int32), axis=1)
+        active = has_allow | has_deny | tf.reduce_any(excluded < n, axis=1)
+        named = tf.reduce_sum(tf.cast(allow, tf.int32), axis=1)
+        seeded = allow & (has_allow & (named <= ENTRY_CATEGORIES))[:, None]
+        entries = tf.where(seeded, tf.convert_to_tensor(self.category_entries)[None, :], -1)
+        at = tf.where(entries >= 0)
+        entries = tf.RaggedTensor.from_value_rowids(
+            tf.gather_nd(entries, at), at[:, 0], nrows=tf.cast(batch, tf.int64), validate=False
+        ).to_tensor(default_value=-1)
+        entries = tf.concat([entries, tf.fill([batch, 1], -1)], axis=1)  # never zero-wide
+        return flt, allowed, active, entries
+
+    def _allowed_items(self, flt):
+        """Every row's allowed items [B, M] (dense ids, -1 padded), gathered by category."""
+        batch = tf.shape(flt.category_ok)[0]
+        at = tf.where(flt.category_ok)
+        offsets = tf.convert_to_tensor(self.category_offsets)
+        ranges = tf.ragged.range(tf.gather(offsets, at[:, 1]), tf.gather(offsets, at[:, 1] + 1))
+        rows = tf.repeat(at[:, 0], tf.cast(ranges.row_lengths(), tf.int64))
+        items = tf.gather(tf.convert_to_tensor(self.category_items), ranges.flat_values)
+        cand = tf.RaggedTensor.from_value_rowids(items, rows, nrows=tf.cast(batch, tf.int64), validate=False)
+        cand = cand.to_tensor(default_value=-1)
+        return tf.where(flt.allows(cand), cand, -1)
+
+    def _filtered(self, flt, allowed, entries, k, ef_list, steps_list, index, walks, score_fn, batch):
+        """The planner: (ids, scores, scored, plan, removed) of a filtered request.
+
+        exact: every row allows at most ``exact_below`` items: they are scored, all of them.
+        walk: the filtered walk of the request's mode. walk+widen: rows whose walk found fewer
+        than min(k, allowed) items walk again with layer 0's ef x WIDEN_EF and T x WIDEN_STEPS,
+        and rows still short get the exact answer over their allowed items.
+        """
+        want = tf.minimum(k, allowed)
+        exact_below = tf.convert_to_tensor(self.exact_below)
+        exhaustive = tf.equal(index, MODES.index("exhaustive"))
+        # A selective filter leaves fewer allowed items in each neighbourhood: layer 0's beam grows
+        # as (the share of items the most selective row allows) ** -SELECTIVE_POWER, at most
+        # SELECTIVE_EF times; a walk that grown costs about that many times more.
+        share = tf.cast(tf.reduce_min(allowed), tf.float32) / self.num_items
+        grow = tf.clip_by_value(tf.maximum(share, 1e-12) ** -SELECTIVE_POWER, 1.0, SELECTIVE_EF)
+        base_ef0 = tf.cast(tf.math.round(tf.cast(ef_list[-1], tf.float32) * grow), tf.int32)
+        # Exact when scoring every allowed item costs no more than exact_below (EXACT_COST_FACTOR
+        # unfiltered walks) times that growth. exhaustive under a filter is the exact answer over
+        # the allowed items, which this plan gives; beam_sets walks as beam (only the marking differs).
+        fits = tf.cast(allowed, tf.float32) <= tf.cast(exact_below, tf.float32) * grow
+        use_exact = tf.reduce_all(fits) | exhaustive
+        walk_modes = ("beam", "beam_history", "hnsw")
+        walk_index = tf.gather(
+            [walk_modes.index({"beam_sets": "beam", "exhaustive": "beam"}.get(m, m)) for m in MODES], index
+        )
+
+        def attempt(t, ids, scores, scored, removed, short, widened):
+            # One trace serves both attempts: the second widens layer 0.
+            wide = t > 0
+            ef0 = tf.where(wide, base_ef0 * WIDEN_EF, base_ef0)
+            t0 = tf.where(wide, steps_list[-1] * WIDEN_STEPS, steps_list[-1])
+            branches = walks(ef_list[:-1] + [ef0], steps_list[:-1] + [t0], flt, entries)
+            n_ids, n_scores, n_scored, n_removed = tf.switch_case(
+                walk_index, [branches[m] for m in walk_modes]
+            )
+            return (
+                t + 1,
+                tf.where(short[:, None], n_ids, ids),
+                tf.where(short[:, None], n_scores, scores),
+                scored + tf.where(short, n_scored, 0),
+                removed + tf.where(short, n_removed, 0),
+                short & (tf.reduce_sum(tf.cast(n_ids >= 0, tf.int32), axis=1) < want),
+                widened | (short & wide),
+            )
+
+        empty = tf.fill([batch, k], -1)
+        start = [
+            tf.constant(0),
+            empty,
+            tf.fill([batch, k], tf.constant(-np.inf, self.item_e.dtype)),
+            tf.zeros([batch], tf.int32),
+            tf.zeros([batch], tf.int32),
+            tf.fill([batch], True),
+            tf.fill([batch], False),
+        ]
+        _, ids, scores, scored, removed, short, widened = tf.while_loop(
+            lambda t, ids, scores, scored, removed, short, widened: (
+                (t < 2) & ~use_exact & tf.reduce_any(short)
+            ),
+            attempt,
+            start,
+            shape_invariants=[
+                tf.TensorShape([]),
+                tf.TensorShape([None, None]),
+                tf.TensorShape([None, None]),
+                tf.TensorShape([None]),
+                tf.TensorShape([None]),
+                tf.TensorShape([None]),
+                tf.TensorShape([None]),
+            ],
+        )
+        # Rows still short (all rows on the exact plan) get the exact answer over their allowed items.
+        short = short | use_exact
+
+        def exact_rest():
+            def gathered():
+                return search.exact_retrieval(score_fn, self.item_e, self._allowed_items(flt), k)
+
+            def scanned():
+                return search.exhaustive_retrieval(score_fn, self.item_e, batch, k, flt=flt)
+
+            e_ids, e_scores, e_scored = tf.cond(
+                tf.reduce_max(allowed) <= EXACT_GATHER_LIMIT, gathered, scanned
+            )
+            return (
+                tf.where(short[:, None], e_ids, ids),
+                tf.where(short[:, None], e_scores, scores),
+                scored + tf.where(short, e_scored, 0),
+            )
+
+        ids, scores, scored = tf.cond(tf.reduce_any(short), exact_rest, lambda: (ids, scores, scored))
+        plan = tf.where(
+            use_exact,
+            contract.PLANS.index("exact"),
+            tf.where(widened | short, contract.PLANS.index("walk+widen"), contract.PLANS.index("walk")),
+        )
+        return ids, scores, scored, tf.broadcast_to(plan, [batch]), removed
 
 
 def split_scorer(score_fn, parts: int):
@@ -487,26 +739,30 @@ def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps, 
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    query = contract.Query(k, tuple(ef), tuple(steps), mode)
+    # Unfiltered calls at every batch size, then each filter kind once at batch 1 (the filtered
+    # walk, the exact plan over one category, a deny-list).
+    calls = [
+        ([contract.NO_FILTER] * batch, batch) for batch, requests in WARMUP_BATCHES for _ in range(requests)
+    ]
+    calls += [
+        ([contract.RowFilter(exclude_history=True)], 1),
+        ([contract.RowFilter(allow_categories=(0,))], 1),
+        ([contract.RowFilter(exclude_categories=(0,))], 1),
+    ]
     count, row = 0, 0
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for batch, requests in WARMUP_BATCHES:
-            for _ in range(requests):
-                take = np.arange(row, row + batch) % len(histories)
-                row += batch
-                request = predict_pb2.PredictRequest()
-                request.model_spec.signature_name = contract.RETRIEVE_SIGNATURE
-                query = contract.Query(k, tuple(ef), tuple(steps), mode)
-                inputs = {
-                    name: tf.make_tensor_proto(value)
-                    for name, value in contract.retrieve_inputs(histories[take], query).items()
-                }
-                for name, proto in inputs.items():
-                    request.inputs[name].CopyFrom(proto)
-                log = prediction_log_pb2.PredictionLog(
-                    predict_log=prediction_log_pb2.PredictLog(request=request)
-                )
-                writer.write(log.SerializeToString())
-                count += 1
+        for filters, batch in calls:
+            take = np.arange(row, row + batch) % len(histories)
+            row += batch
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = contract.RETRIEVE_SIGNATURE
+            inputs = contract.retrieve_inputs(histories[take], query, filters)
+            for name, value in inputs.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+            count += 1
     return count
 
 
@@ -525,6 +781,45 @@ def xla_shapes(*, num_items: int, ef, max_len: int, max_degree: int, fixed=()) -
     widths = {int(w) for w in search.WIDTH_GRID if w <= widest}
     widths |= {int(w) for w in (*fixed, min(chunk, num_items), num_items % chunk) if 0 < w <= widest}
     return int(widest), sorted(widths)
+
+
+def category_entries(item_e: np.ndarray, item_category: np.ndarray, num_categories: int) -> np.ndarray:
+    """int32 [C]: each category's item nearest the mean e_v of its items (-1 for an empty one)."""
+    entries = np.full(num_categories, -1, np.int32)
+    order = np.argsort(item_category, kind="stable")
+    bounds = np.searchsorted(item_category[order], np.arange(num_categories + 1))
+    for c in range(num_categories):
+        members = order[bounds[c] : bounds[c + 1]]
+        if len(members):
+            e = item_e[members]
+            entries[c] = members[np.argmin(((e - e.mean(axis=0)) ** 2).sum(axis=1))]
+    return entries
+
+
+def measured_walk_cost(module: RetrievalModule, histories: np.ndarray, config: ExportConfig) -> float:
+    """Items the default query scores per user, on the warm-up users, unfiltered: the filter
+    planner's yardstick (EXACT_COST_FACTOR times this is where scoring the allowed items beats
+    walking)."""
+    query = contract.Query(config.k, module.default_ef, module.default_steps, config.mode)
+    scored = []
+    for start in range(0, len(histories), 16):
+        rows = histories[start : start + 16]
+        inputs = contract.retrieve_inputs(rows, query, [contract.NO_FILTER] * len(rows))
+        out = module.retrieve(**{name: tf.constant(value) for name, value in inputs.items()})
+        scored.append(out["scored"].numpy())
+    return float(np.concatenate(scored).mean())
+
+
+def _category_labels(workdir: Path, num_categories: int) -> list[str]:
+    """The original category label of each dense category, from the workdir's dataset."""
+    from model_export.data import load_dataset
+
+    names = [str(x) for x in load_dataset(workdir / "dataset").category_names]
+    if len(names) != num_categories:
+        raise ArtifactError(
+            f"{workdir / 'dataset'} has {len(names)} categories, the model {num_categories}; re-run train"
+        )
+    return names
 
 
 def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
@@ -551,6 +846,10 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     max_len = int(model_meta["params"]["max_len"])
     module = RetrievalModule(model, item_e, item_ids, graph, config, max_len)
     warmup = warmup_histories(workdir, np.asarray(item_ids, np.int64), max_len, users=64)
+    walk_cost = measured_walk_cost(module, warmup, config)
+    exact_below = config.exact_below if config.exact_below is not None else int(EXACT_COST_FACTOR * walk_cost)
+    module.exact_below.assign(exact_below)
+    categories = _category_labels(workdir, module.num_categories)
 
     export_root = workdir / EXPORT_DIR
     export_root.mkdir(parents=True, exist_ok=True)
@@ -569,6 +868,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
         )
         (tmp / contract.ITEM_IDS_FILE).parent.mkdir(parents=True, exist_ok=True)
         np.save(tmp / contract.ITEM_IDS_FILE, np.asarray(item_ids, np.int64))
+        (tmp / contract.CATEGORIES_FILE).write_text(json.dumps(categories) + "\n")
         records = write_warmup_requests(
             tmp / contract.WARMUP_FILE, warmup, config.k, module.default_ef, module.default_steps, config.mode
         )
@@ -581,6 +881,8 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             "warmup_records": records,
             "xla_max_width": module.xla_max_width,
             "xla_widths": module.xla_widths,
+            "exact_below": exact_below,
+            "walk_cost": round(walk_cost, 1),
         }
         meta = artifacts.provenance(
             "saved_model",
@@ -601,6 +903,8 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
             steps=module.default_steps,
             mode=config.mode,
             xla_batches=XLA_BATCHES,
+            num_categories=module.num_categories,
+            exact_below=exact_below,
         )
         artifacts.write_meta(tmp, meta)
         final = export_root / str(version)

@@ -291,7 +291,7 @@ def _fit_latency(workdir: Path, rows: list[dict], valid, start: int) -> dict:
         query = contract_lib.Query(served.default_k, cand.ef, cand.steps, cand.mode)
         times = []
         for u in range(min(valid.num_users, 60)):
-            inputs = contract_lib.retrieve_inputs(_history(valid, u, ids), query)
+            inputs = served.inputs(_history(valid, u, ids), query)
             t = time.perf_counter()
             fn(**{key: tf.constant(v) for key, v in inputs.items()})
             times.append(time.perf_counter() - t)

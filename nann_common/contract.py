@@ -35,8 +35,18 @@ XLA_SIGNATURE = "retrieve_xla"
 XLA_WARMUP_SIGNATURE = "warmup_xla"
 RETRIEVE_INPUTS = ("history", "k", "ef", "steps", "mode")
 RETRIEVE_OUTPUTS = ("item_ids", "scores", "scored")
+# Filters, one row per user (retrieve and retrieve_xla of exports that have them):
+# exclude_items int64 [B, E] original ids never returned (-1 padded; unknown ids are ignored),
+# exclude_history bool [B] (the row's history is never returned either), allow_categories and
+# exclude_categories int32 [B, A] / [B, X] dense category indices (positions in CATEGORIES_FILE,
+# -1 padded; a row with no allow-list allows every category).
+FILTER_INPUTS = ("exclude_items", "exclude_history", "allow_categories", "exclude_categories")
+# plan int32 [B]: PLANS[plan] ran for the row; removed int32 [B]: scored items the filter removed.
+FILTER_OUTPUTS = ("plan", "removed")
+PLANS = ("walk", "exact", "walk+widen")
 PAD_ID = -1
 ITEM_IDS_FILE = "assets.extra/item_ids.npy"
+CATEGORIES_FILE = "assets.extra/categories.json"
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 
 
@@ -72,6 +82,16 @@ class ServingContract:
     default_mode: str = DEFAULT_MODE
     xla_scorer: bool = False  # retrieve itself compiles with XLA (exports older than retrieve_xla)
     xla_batches: tuple[int, ...] = ()  # batch sizes retrieve_xla compiles for; () = no retrieve_xla
+    num_categories: int = 0  # > 0: retrieve takes FILTER_INPUTS (exports from before filters: 0)
+    exact_below: int = 0  # the planner scores a filter's allowed items exactly up to this many
+
+    @property
+    def has_filters(self) -> bool:
+        return self.num_categories > 0
+
+    @property
+    def retrieve_inputs(self) -> tuple[str, ...]:
+        return RETRIEVE_INPUTS + (FILTER_INPUTS if self.has_filters else ())
 
     @property
     def has_xla_signature(self) -> bool:
@@ -106,6 +126,8 @@ class ServingContract:
                 default_mode=str(serving["defaults"].get("mode", DEFAULT_MODE)),
                 xla_scorer=bool(serving.get("xla_scorer", False)),
                 xla_batches=tuple(int(x) for x in serving.get("xla", {}).get("batches", ())),
+                num_categories=int(serving.get("filters", {}).get("categories", 0)),
+                exact_below=int(serving.get("filters", {}).get("exact_below", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(
@@ -166,17 +188,84 @@ class ServingContract:
             raise ArtifactError(f"{path} holds {ids.dtype} {ids.shape}, expected int64 ({self.num_items},)")
         return ids
 
+    def inputs(self, histories: np.ndarray, query: Query, filters: list[RowFilter] | None = None) -> dict:
+        """This export's ``retrieve`` inputs: :func:`retrieve_inputs`, with the filter inputs (no
+        filter where ``filters`` is None) when the export takes them."""
+        if not self.has_filters:
+            if filters is not None and any(filters):
+                raise InvalidRequest(
+                    f"model version {self.version} was exported before filters; re-export it"
+                )
+            return retrieve_inputs(histories, query)
+        return retrieve_inputs(histories, query, filters or [NO_FILTER] * len(histories))
 
-def retrieve_inputs(histories: np.ndarray, query: Query) -> dict[str, np.ndarray]:
-    """The ``retrieve`` signature's inputs for histories [B, L] (original ids, -1 padded)."""
-    b = histories.shape[0]
+    def category_labels(self) -> list[str]:
+        """The corpus' original category labels; a filter's dense category c is labels[c]."""
+        import json
+
+        path = self.path / CATEGORIES_FILE
+        try:
+            labels = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{path} is unreadable ({e}); re-export the model") from e
+        if not isinstance(labels, list) or len(labels) != self.num_categories:
+            raise ArtifactError(f"{path} does not list {self.num_categories} category labels; re-export")
+        return [str(x) for x in labels]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowFilter:
+    """One user's filter, resolved to what the model takes (see FILTER_INPUTS)."""
+
+    exclude_items: tuple[int, ...] = ()  # original item ids
+    exclude_history: bool = False
+    allow_categories: tuple[int, ...] = ()  # dense category indices
+    exclude_categories: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.exclude_items or self.exclude_history or self.allow_categories or self.exclude_categories
+        )
+
+
+NO_FILTER = RowFilter()
+
+
+def _padded(rows: list[tuple[int, ...]], dtype) -> np.ndarray:
+    out = np.full((len(rows), max(1, max(map(len, rows), default=0))), PAD_ID, dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def filter_inputs(filters: list[RowFilter]) -> dict[str, np.ndarray]:
+    """The filter inputs of ``retrieve`` for one filter per row (:data:`NO_FILTER` for none)."""
     return {
+        "exclude_items": _padded([f.exclude_items for f in filters], np.int64),
+        "exclude_history": np.array([f.exclude_history for f in filters], bool),
+        "allow_categories": _padded([f.allow_categories for f in filters], np.int32),
+        "exclude_categories": _padded([f.exclude_categories for f in filters], np.int32),
+    }
+
+
+def retrieve_inputs(
+    histories: np.ndarray, query: Query, filters: list[RowFilter] | None = None
+) -> dict[str, np.ndarray]:
+    """The ``retrieve`` signature's inputs for histories [B, L] (original ids, -1 padded), with
+    the filter inputs when ``filters`` is given (one per row; an export with filters needs them)."""
+    b = histories.shape[0]
+    inputs = {
         "history": np.asarray(histories, np.int64),
         "k": np.full([b], query.k, np.int32),
         "ef": np.tile(np.asarray(query.ef, np.int32), (b, 1)),
         "steps": np.tile(np.asarray(query.steps, np.int32), (b, 1)),
         "mode": np.array([query.mode.encode()] * b, object),
     }
+    if filters is not None:
+        if len(filters) != b:
+            raise ValueError(f"{len(filters)} filters for {b} history rows")
+        inputs.update(filter_inputs(filters))
+    return inputs
 
 
 def known_history(item_ids: np.ndarray, history: np.ndarray, max_len: int) -> tuple[np.ndarray, int]:
@@ -197,16 +286,20 @@ def serving_block(
     steps: tuple[int, ...],
     mode: str = DEFAULT_MODE,
     xla_batches: tuple[int, ...] = (),
+    num_categories: int = 0,
+    exact_below: int = 0,
 ) -> dict:
     """The ``serving`` block of an export's meta.json (what :meth:`ServingContract.from_meta` reads)."""
+    inputs = list(RETRIEVE_INPUTS) + (list(FILTER_INPUTS) if num_categories else [])
+    outputs = list(RETRIEVE_OUTPUTS) + (list(FILTER_OUTPUTS) if num_categories else [])
     return {
         "contract_version": CONTRACT_VERSION,
         "signatures": {
             DEFAULT_SIGNATURE: {"inputs": ["history"], "outputs": list(RETRIEVE_OUTPUTS)},
-            RETRIEVE_SIGNATURE: {"inputs": list(RETRIEVE_INPUTS), "outputs": list(RETRIEVE_OUTPUTS)},
+            RETRIEVE_SIGNATURE: {"inputs": inputs, "outputs": outputs},
             **(
                 {
-                    XLA_SIGNATURE: {"inputs": list(RETRIEVE_INPUTS), "outputs": list(RETRIEVE_OUTPUTS)},
+                    XLA_SIGNATURE: {"inputs": inputs, "outputs": outputs},
                     XLA_WARMUP_SIGNATURE: {"inputs": ["history"], "outputs": ["widths", "finite"]},
                 }
                 if xla_batches
@@ -239,7 +332,18 @@ def serving_block(
             "steps": f"{start_layer + 1} values, each >= 0 (0: not walked), layer 0's >= 1, top-down",
             "history": "int64 original item ids of the corpus, oldest first, -1 padded; >= 1 per row",
         },
-        "files": {"item_ids": ITEM_IDS_FILE, "warmup": WARMUP_FILE},
+        **(
+            {
+                "filters": {
+                    "categories": int(num_categories),
+                    "exact_below": int(exact_below),
+                    "plans": list(PLANS),
+                }
+            }
+            if num_categories
+            else {}
+        ),
+        "files": {"item_ids": ITEM_IDS_FILE, "warmup": WARMUP_FILE, "categories": CATEGORIES_FILE},
     }
 
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,8 +32,27 @@ from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-# (histories int64 [B, L] -1 padded, query, timeout seconds or None) -> (ids [B,k], scores [B,k], scored [B])
-RunFn = Callable[[np.ndarray, Query, float | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# (histories int64 [B, L] -1 padded, query, timeout seconds or None, one RowFilter per row or None)
+# -> Answer with [B, ...] arrays
+RunFn = Callable[..., "Answer"]
+
+
+class Answer(NamedTuple):
+    """A model call's outputs, one row per user (plan and removed are 0 for exports without filters)."""
+
+    ids: np.ndarray  # [B, k] original ids, -1 past a row's answer
+    scores: np.ndarray  # [B, k] float32, -inf past a row's answer
+    scored: np.ndarray  # [B] items scored
+    plan: np.ndarray  # [B] index into contract.PLANS
+    removed: np.ndarray  # [B] scored items the filter removed
+
+    @classmethod
+    def of(cls, out: dict) -> Answer:
+        """From a signature's outputs (numpy arrays by name)."""
+        zeros = np.zeros(len(out["scored"]), np.int32)
+        return cls(
+            out["item_ids"], out["scores"], out["scored"], out.get("plan", zeros), out.get("removed", zeros)
+        )
 
 
 class ModelRefused(RuntimeError):
@@ -49,6 +69,7 @@ class ModelSlot:
     contract: ServingContract
     item_ids: np.ndarray  # ascending original ids of the corpus
     run: RunFn
+    categories: dict[str, int] = dataclasses.field(default_factory=dict)  # label -> dense category
 
     @property
     def version(self) -> int:
@@ -230,18 +251,20 @@ class InProcessBackend(Backend):
             if fn is None:
                 raise NannError(f"{path} has no {signature!r} signature")
             names = set(fn.structured_input_signature[1])
-            if names != set(contract_lib.RETRIEVE_INPUTS):
+            if names != set(contract.retrieve_inputs):
                 raise NannError(
-                    f"{path}: signature inputs {sorted(names)} are not {list(contract_lib.RETRIEVE_INPUTS)}"
+                    f"{path}: signature inputs {sorted(names)} are not {list(contract.retrieve_inputs)}"
                 )
 
-            def run(histories, query, timeout=None):
-                inputs = contract_lib.retrieve_inputs(histories, query)
+            def run(histories, query, timeout=None, filters=None):
+                inputs = contract_lib.retrieve_inputs(
+                    histories, query, _row_filters(contract, histories, filters)
+                )
                 try:
                     out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
                 except tf.errors.InvalidArgumentError as e:
                     raise ModelRefused(f"the model refused a validated request: {e.message}") from e
-                return out["item_ids"].numpy(), out["scores"].numpy(), out["scored"].numpy()
+                return Answer.of({name: t.numpy() for name, t in out.items()})
 
             records = read_warmup(path)
             compiled = 0
@@ -262,7 +285,7 @@ class InProcessBackend(Backend):
                 len(records),
                 f", XLA scorer compiled at {compiled} shapes" if compiled else "",
             )
-            return ModelSlot(contract, item_ids, run)
+            return ModelSlot(contract, item_ids, run, _categories(contract))
 
     def _signature(self, contract: ServingContract) -> str:
         if self.scorer == "stock":
@@ -414,9 +437,14 @@ class TFServingBackend(Backend):
                 "signature of a current export holds no XLA op)",
                 contract.version,
             )
-        return ModelSlot(contract, item_ids, lambda h, q, t=None: self._predict(contract, h, q, t))
+        return ModelSlot(
+            contract,
+            item_ids,
+            lambda h, q, t=None, f=None: self._predict(contract, h, q, t, filters=f),
+            _categories(contract),
+        )
 
-    def _predict(self, contract: ServingContract, histories, query, timeout, cap: bool = True):
+    def _predict(self, contract: ServingContract, histories, query, timeout, cap: bool = True, filters=None):
         import grpc
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
@@ -433,7 +461,8 @@ class TFServingBackend(Backend):
             padded = np.full((histories.shape[0], contract.max_len), contract_lib.PAD_ID, np.int64)
             padded[:, : histories.shape[1]] = histories
             histories = padded
-        for name, value in contract_lib.retrieve_inputs(histories, query).items():
+        inputs = contract_lib.retrieve_inputs(histories, query, _row_filters(contract, histories, filters))
+        for name, value in inputs.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
         if timeout is None:
             timeout = self.timeout_s
@@ -463,8 +492,23 @@ class TFServingBackend(Backend):
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ModelRefused(f"the model refused a validated request: {e.details()}") from e
                 raise RuntimeError(f"TF Serving answered {code.name}: {e.details()}") from e
-        out = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
-        return out["item_ids"], out["scores"], out["scored"]
+        return Answer.of({name: tf.make_ndarray(proto) for name, proto in response.outputs.items()})
+
+
+def _row_filters(contract: ServingContract, histories, filters):
+    """The filters to send: one per row for an export with filters, None for one without."""
+    if not contract.has_filters:
+        if filters is not None and any(filters):
+            raise ModelRefused(f"model version {contract.version} takes no filters")
+        return None
+    return list(filters) if filters is not None else [contract_lib.NO_FILTER] * len(histories)
+
+
+def _categories(contract: ServingContract) -> dict[str, int]:
+    """Category label -> dense category of an export with filters ({} without)."""
+    if not contract.has_filters:
+        return {}
+    return {label: i for i, label in enumerate(contract.category_labels())}
 
 
 def open_backend(config, metrics: Metrics) -> Backend:

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from nann_common.contract import PAD_ID, Query
+from nann_common.contract import NO_FILTER, PAD_ID, Query, RowFilter
 from server.backends import ModelSlot
 from server.errors import Cancelled, DeadlineExceeded
 from server.metrics import Metrics
@@ -25,10 +25,24 @@ logger = logging.getLogger(__name__)
 
 
 class _Entry:
-    __slots__ = ("slot", "query", "history", "deadline", "alive", "enqueued", "done", "result", "error")
+    __slots__ = (
+        "slot",
+        "query",
+        "history",
+        "filter",
+        "deadline",
+        "alive",
+        "enqueued",
+        "done",
+        "result",
+        "error",
+    )
 
-    def __init__(self, slot: ModelSlot, query: Query, history: np.ndarray, deadline: float | None, alive):
+    def __init__(
+        self, slot: ModelSlot, query: Query, history: np.ndarray, row_filter: RowFilter, deadline, alive
+    ):
         self.slot, self.query, self.history, self.deadline, self.alive = slot, query, history, deadline, alive
+        self.filter = row_filter
         self.enqueued = time.monotonic()
         self.done = threading.Event()
         self.result = None
@@ -46,12 +60,20 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._dispatch, name="batcher", daemon=True)
         self._thread.start()
 
-    def run(self, slot: ModelSlot, history: np.ndarray, query: Query, deadline: float | None, alive=None):
-        """One user's (ids [k], scores [k], scored) through a shared model call.
+    def run(
+        self,
+        slot: ModelSlot,
+        history: np.ndarray,
+        query: Query,
+        deadline: float | None,
+        alive=None,
+        row_filter: RowFilter = NO_FILTER,
+    ):
+        """One user's row of the shared model call's :class:`server.backends.Answer`.
 
         ``alive()`` False (the caller cancelled) drops the call before the model runs it.
         """
-        entry = _Entry(slot, query, history, deadline, alive or (lambda: True))
+        entry = _Entry(slot, query, history, row_filter, deadline, alive or (lambda: True))
         with self._cond:
             self._queue.append(entry)
             self._cond.notify()
@@ -73,7 +95,8 @@ class MicroBatcher:
             if not self._queue:
                 return []
             first = self._queue[0]
-            key = (id(first.slot), first.query)
+            # Filtered and unfiltered calls batch apart: an unfiltered batch runs the plain walk.
+            key = (id(first.slot), first.query, bool(first.filter))
             if self.window_s > 0:
                 end = first.enqueued + self.window_s
                 while len(self._queue) < self.max_batch and (left := end - time.monotonic()) > 0:
@@ -81,7 +104,7 @@ class MicroBatcher:
             batch, rest = [], collections.deque()
             while self._queue:
                 e = self._queue.popleft()
-                if len(batch) < self.max_batch and (id(e.slot), e.query) == key:
+                if len(batch) < self.max_batch and (id(e.slot), e.query, bool(e.filter)) == key:
                     batch.append(e)
                 else:
                     rest.append(e)
@@ -125,9 +148,10 @@ class MicroBatcher:
         timeout = max(min(deadlines) - now, 0.001) if deadlines else None
         self.metrics.batch_size.observe(len(live))
         try:
-            ids, scores, scored = live[0].slot.run(histories, live[0].query, timeout)
+            filters = [e.filter for e in live] if live[0].filter else None
+            answer = live[0].slot.run(histories, live[0].query, timeout, filters)
             for i, e in enumerate(live):
-                e.result = (ids[i], scores[i], scored[i])
+                e.result = type(answer)(*(part[i] for part in answer))
         except BaseException as error:  # every waiter learns the batch's fate
             for e in live:
                 e.error = error

@@ -2,6 +2,7 @@
 
 python -m server.client --user 1000042 [--k 20] [--target 127.0.0.1:50051]
 python -m server.client --history 5,17,23 --k 10 --json
+python -m server.client --user 1000042 --exclude-history --category 2520377,4145813 --exclude 871234
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import time
 import grpc
 
 from nann.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
-from server.service import MD_DROPPED, MD_SCORED, MD_VERSION
+from server.service import MD_DROPPED, MD_FILTER_UNKNOWN, MD_PLAN, MD_REMOVED, MD_SCORED, MD_VERSION
+
+
+def _labels(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _ints(text: str) -> list[int]:
@@ -74,6 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ef", type=_ints, default=[], help="beam widths, top-down (default: the model's)")
     parser.add_argument("--steps", type=_ints, default=[], help="rounds T per layer, top-down")
+    parser.add_argument("--exclude", type=_ints, default=[], help="item ids never to return, comma-separated")
+    parser.add_argument(
+        "--exclude-history", action="store_true", help="never return the behaviours the call used"
+    )
+    parser.add_argument(
+        "--category",
+        type=_labels,
+        default=[],
+        help="only items of these categories (ids or labels, comma-separated)",
+    )
+    parser.add_argument(
+        "--exclude-category", type=_labels, default=[], help="never items of these categories (ids or labels)"
+    )
     parser.add_argument("--show", type=int, default=10, help="candidates to print (default 10; 0 = all)")
     parser.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
     parser.add_argument("--request-id", default="", help="id for the server's logs")
@@ -88,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         request_id=args.request_id,
         params=retrieval_pb2.SearchParams(mode=args.mode, ef=args.ef, steps=args.steps),
     )
+    if args.exclude or args.exclude_history or args.category or args.exclude_category:
+        request.filter.CopyFrom(
+            retrieval_pb2.Filter(
+                exclude_item_ids=args.exclude,
+                exclude_history=args.exclude_history,
+                category_labels=args.category,
+                exclude_category_labels=args.exclude_category,
+            )
+        )
     try:
         candidates, trailer, first, last = retrieve(args.target, request, args.timeout)
     except grpc.RpcError as e:
@@ -114,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         f"items scored {trailer.get(MD_SCORED)}, "
         f"model version {trailer.get(MD_VERSION)}, "
         f"unknown ids dropped {trailer.get(MD_DROPPED)}"
+        + (
+            f"; plan {trailer[MD_PLAN]}, filter removed {trailer.get(MD_REMOVED)}, "
+            f"unknown filter ids {trailer.get(MD_FILTER_UNKNOWN)}"
+            if MD_PLAN in trailer
+            else ""
+        )
     )
     print(f"{'rank':>5} {'item_id':>12} {'score':>10}")
     for c in shown:

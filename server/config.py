@@ -33,6 +33,8 @@ class Config:
     max_history: int = 1000
     max_user_id_bytes: int = 256
     allow_exhaustive: bool = False
+    max_exclude: int = 10_000
+    exclude_history: bool = False
     batch_window_ms: float = 0.0
     max_batch: int = 1
     reload_interval_s: float = 2.0
@@ -76,6 +78,12 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "max_history": (int, "longest inline history a request may send"),
     "max_user_id_bytes": (int, "longest user_id"),
     "allow_exhaustive": (bool, "accept mode=exhaustive (scores the whole corpus per user)"),
+    "max_exclude": (int, "most item ids (and, apart, most categories) one request's filter may list"),
+    "exclude_history": (
+        bool,
+        "never return the behaviours a call used, whether or not the caller asks (off: repeat "
+        "purchases and re-watches are real recommendations)",
+    ),
     "batch_window_ms": (
         float,
         "micro-batching: how long a lone call waits for company (0 = batch only the calls that "
@@ -183,6 +191,7 @@ def _check(c: Config) -> None:
         "max_steps",
         "max_history",
         "max_user_id_bytes",
+        "max_exclude",
         "max_batch",
         "max_message_bytes",
         "redis_pool",

@@ -23,6 +23,12 @@ class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class FailedPrecondition(ServiceError):
+    """The request is well-formed but the serving model cannot honour it (e.g. an old export)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class UserNotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -17,11 +17,18 @@ import grpc
 import numpy as np
 
 from nann.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
-from nann_common.contract import Query
+from nann_common.contract import NO_FILTER, PLANS, Query, RowFilter
 from server.backends import Backend, ModelSlot
 from server.batching import MicroBatcher
 from server.config import Config
-from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, UserNotFound, status_of
+from server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    UserNotFound,
+    status_of,
+)
 from server.features import FeatureStore
 from server.metrics import Metrics
 
@@ -33,6 +40,9 @@ MD_VERSION = "nann-model-version"
 MD_DROPPED = "nann-unknown-ids-dropped"
 MD_HISTORY = "nann-history-length"
 MD_REQUEST_ID = "nann-request-id"
+MD_PLAN = "nann-plan"
+MD_REMOVED = "nann-filter-removed"
+MD_FILTER_UNKNOWN = "nann-filter-unknown-ids"
 
 
 class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
@@ -108,6 +118,61 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
             )
         return history
 
+    def _filter(self, request, slot: ModelSlot) -> tuple[RowFilter | None, int]:
+        """The request's filter (with the server's defaults) resolved against the model version:
+        (the RowFilter, or None when it allows nothing at all; filter ids the model does not know)."""
+        c = self.config
+        f = request.filter
+        given = request.HasField("filter")
+        exclude_history = c.exclude_history or (given and f.exclude_history)
+        if not given and not exclude_history:
+            return NO_FILTER, 0
+        if given:
+            if len(f.exclude_item_ids) > c.max_exclude:
+                raise InvalidArgument(
+                    f"filter.exclude_item_ids holds {len(f.exclude_item_ids)} ids; at most {c.max_exclude} "
+                    "(the server's --max-exclude) are accepted: block long-lived items in a new model "
+                    "version instead (docs/service.md, Filters)"
+                )
+            lists = (f.categories, f.exclude_categories, f.category_labels, f.exclude_category_labels)
+            if max(map(len, lists)) > c.max_exclude:
+                raise InvalidArgument(
+                    f"a filter category list holds more than {c.max_exclude} entries "
+                    "(the server's --max-exclude)"
+                )
+            if any(i < 0 for i in f.exclude_item_ids):
+                raise InvalidArgument("filter.exclude_item_ids must be >= 0 (original item ids)")
+        if not slot.contract.has_filters:
+            raise FailedPrecondition(
+                f"model version {slot.version} was exported before filters; re-export it with "
+                "`python -m model_export export` to serve filtered calls"
+            )
+        unknown = 0
+        excluded: tuple[int, ...] = ()
+        if given and len(f.exclude_item_ids):
+            ids = np.unique(np.fromiter(f.exclude_item_ids, np.int64, len(f.exclude_item_ids)))
+            pos = np.minimum(np.searchsorted(slot.item_ids, ids), len(slot.item_ids) - 1)
+            found = slot.item_ids[pos] == ids
+            unknown += int((~found).sum())
+            excluded = tuple(ids[found].tolist())
+
+        def dense(ints, labels) -> tuple[int, ...]:
+            nonlocal unknown
+            out = set()
+            for label in [str(i) for i in ints] + list(labels):
+                category = slot.categories.get(label)
+                if category is None:
+                    unknown += 1
+                else:
+                    out.add(category)
+            return tuple(sorted(out))
+
+        allow = dense(f.categories, f.category_labels) if given else ()
+        deny = dense(f.exclude_categories, f.exclude_category_labels) if given else ()
+        if given and (len(f.categories) or len(f.category_labels)) and not allow:
+            return None, unknown  # an allow-list of categories this model does not have: nothing
+        return RowFilter(excluded, bool(exclude_history), allow, deny), unknown
+
     @staticmethod
     def _check_alive(context) -> None:
         if not context.is_active():
@@ -135,31 +200,42 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
                 f"none of the {len(history)} ids in {what} is an item of model version "
                 f"{slot.version}; at least one known behaviour is needed"
             )
+        row_filter, filter_unknown = self._filter(request, slot)
         self._check_alive(context)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         t_model = time.perf_counter()
-        if self.batcher is not None:
-            ids, scores, scored = self.batcher.run(slot, known, query, deadline, context.is_active)
+        if row_filter is None:  # the filter allows no item of this model: nothing to run
+            ids, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            scored, plan, removed = 0, PLANS.index("exact"), 0
+        elif self.batcher is not None:
+            ids, scores, scored, plan, removed = self.batcher.run(
+                slot, known, query, deadline, context.is_active, row_filter
+            )
         else:
             self.metrics.batch_size.observe(1)
-            ids, scores, scored = slot.run(known[None, :], query, remaining)
-            ids, scores, scored = ids[0], scores[0], scored[0]
+            answer = slot.run(known[None, :], query, remaining, [row_filter] if row_filter else None)
+            ids, scores, scored, plan, removed = (part[0] for part in answer)
         self.metrics.stage.labels("model_call").observe(time.perf_counter() - t_model)
         self.metrics.items_scored.observe(float(scored))
         self._check_alive(context)
 
-        found = np.isfinite(scores)  # fewer than k reachable: the model pads with -inf
+        found = np.isfinite(scores)  # fewer than k allowed or reachable: the model pads with -inf
         ids, scores = ids[found], scores[found]
-        context.set_trailing_metadata(
-            (
-                (MD_SCORED, str(int(scored))),
-                (MD_VERSION, str(slot.version)),
-                (MD_DROPPED, str(dropped)),
-                (MD_HISTORY, str(len(known))),
-                (MD_REQUEST_ID, request.request_id),
-            )
-        )
+        metadata = [
+            (MD_SCORED, str(int(scored))),
+            (MD_VERSION, str(slot.version)),
+            (MD_DROPPED, str(dropped)),
+            (MD_HISTORY, str(len(known))),
+            (MD_REQUEST_ID, request.request_id),
+        ]
+        if row_filter != NO_FILTER:
+            metadata += [
+                (MD_PLAN, PLANS[int(plan)]),
+                (MD_REMOVED, str(int(removed))),
+                (MD_FILTER_UNKNOWN, str(filter_unknown)),
+            ]
+        context.set_trailing_metadata(tuple(metadata))
         t_stream = time.perf_counter()
         chunk = self.config.chunk_size
         ids, scores = ids.tolist(), scores.tolist()
@@ -183,6 +259,11 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
                     "returned": int(len(ids)),
                     "items_scored": int(scored),
                     "unknown_dropped": dropped,
+                    **(
+                        {"plan": PLANS[int(plan)], "filter_removed": int(removed)}
+                        if row_filter != NO_FILTER
+                        else {}
+                    ),
                     "model_version": slot.version,
                     "ms": round(1000 * (time.perf_counter() - started), 3),
                 }

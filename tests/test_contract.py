@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from model_export.data import load_dataset
 from nann_common import contract
 from nann_common.errors import ArtifactError
 from server import config as server_config
@@ -28,8 +29,15 @@ def test_export_meta_carries_everything_a_caller_needs(served_workdir):
     assert c.default_mode == "beam_history" and c.has_xla_signature and 1 in c.xla_batches
     assert c.max_len == 50 and set(c.modes) == set(contract.MODES)
     assert c.layer_sizes[0] == len(item_ids)
-    assert serving["signatures"]["retrieve"]["inputs"] == list(contract.RETRIEVE_INPUTS)
-    assert serving["signatures"]["retrieve_xla"]["inputs"] == list(contract.RETRIEVE_INPUTS)
+    filtered = list(contract.RETRIEVE_INPUTS + contract.FILTER_INPUTS)
+    assert serving["signatures"]["retrieve"]["inputs"] == filtered == list(c.retrieve_inputs)
+    assert serving["signatures"]["retrieve_xla"]["inputs"] == filtered
+    outputs = list(contract.RETRIEVE_OUTPUTS + contract.FILTER_OUTPUTS)
+    assert serving["signatures"]["retrieve"]["outputs"] == outputs
+    assert serving["signatures"]["serving_default"]["inputs"] == ["history"]
+    # Filters: the category vocabulary (the dataset's labels, in dense order) and the planner's bound.
+    assert c.has_filters and c.exact_below > 0
+    assert c.category_labels() == [str(x) for x in load_dataset(served_workdir / "dataset").category_names]
     assert {"k", "ef", "steps", "history"} <= set(serving["bounds"])
     np.testing.assert_array_equal(c.item_ids(), item_ids)
 

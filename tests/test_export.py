@@ -16,6 +16,7 @@ from model_export import cli
 from model_export import export as export_module
 from model_export.evaluate import Evaluation
 from model_export.export import DEFAULT_STEPS, ExportConfig, RetrievalModule
+from nann_common import contract
 from nann_common.errors import InputError
 
 EXPORT = ExportConfig(**EXPORT_PARAMS)
@@ -38,7 +39,7 @@ def saved(workdir):
     return tf.saved_model.load(str(workdir / "export" / "1"))
 
 
-def _inputs(history, k, ef, steps, mode):
+def _inputs(history, k, ef, steps, mode, filters=None):
     b = len(history)
     return {
         "history": np.asarray(history, np.int64),
@@ -46,6 +47,7 @@ def _inputs(history, k, ef, steps, mode):
         "ef": np.array([ef] * b, np.int32),
         "steps": np.array([steps] * b, np.int32),
         "mode": np.array([mode] * b),
+        **contract.filter_inputs(filters or [contract.NO_FILTER] * b),
     }
 
 

@@ -58,9 +58,12 @@ def saved_model(served_workdir):
 def call(stub, timeout=30.0, **fields):
     """One Retrieve -> (candidates, trailing metadata, messages received)."""
     params = fields.pop("params", None)
+    row_filter = fields.pop("filter", None)
     request = retrieval_pb2.RetrieveRequest(**fields)
     if params:
         request.params.CopyFrom(retrieval_pb2.SearchParams(**params))
+    if row_filter is not None:
+        request.filter.CopyFrom(retrieval_pb2.Filter(**row_filter))
     stream = stub.Retrieve(request, timeout=timeout)
     messages = list(stream)
     candidates = [c for m in messages for c in m.candidates]
@@ -75,12 +78,15 @@ def model_answer(saved_model, history, k=10, ef=(20, 40), steps=(0, 5), mode="be
     """The export's own answer at its default query, from the signature the server runs."""
     import tensorflow as tf
 
+    from nann_common.contract import NO_FILTER, filter_inputs
+
     out = saved_model.signatures["retrieve_xla"](
         history=tf.constant([history], tf.int64),
         k=tf.constant([k]),
         ef=tf.constant([list(ef)]),
         steps=tf.constant([list(steps)]),
         mode=tf.constant([mode]),
+        **{name: tf.constant(value) for name, value in filter_inputs([NO_FILTER]).items()},
     )
     return out["item_ids"].numpy()[0], out["scores"].numpy()[0], int(out["scored"].numpy()[0])
 
@@ -196,6 +202,17 @@ BAD_REQUESTS = [
     ({"user_id": "u" * 300}, "INVALID_ARGUMENT", "longer than 256 bytes"),
     ({"history": [1], "request_id": "caf\u00e9"}, "INVALID_ARGUMENT", "request_id must be printable ASCII"),
     ({"history": [1], "request_id": "r" * 200}, "INVALID_ARGUMENT", "request_id must be printable ASCII"),
+    (
+        {"history": [1], "filter": {"exclude_item_ids": [-3]}},
+        "INVALID_ARGUMENT",
+        "exclude_item_ids must be >= 0",
+    ),
+    (
+        {"history": [1], "filter": {"exclude_item_ids": list(range(10_001))}},
+        "INVALID_ARGUMENT",
+        "--max-exclude",
+    ),
+    ({"history": [1], "filter": {"categories": list(range(10_001))}}, "INVALID_ARGUMENT", "--max-exclude"),
 ]
 
 
@@ -211,6 +228,40 @@ def test_bad_requests_get_their_status_and_a_message_that_says_what_to_fix(
     assert caught.value.code().name == code
     assert message in caught.value.details()
     assert "Traceback" not in caught.value.details()
+
+
+def test_a_filtered_call_returns_only_allowed_items_and_says_which_plan_ran(
+    stub, snapshot, served_workdir, server
+):
+    from model_export.data import load_dataset
+
+    ds = load_dataset(served_workdir / "dataset")
+    category_of = dict(zip(ds.item_ids.tolist(), ds.category_names[ds.item_category].tolist(), strict=True))
+    history = user_history(snapshot, 4)
+    user = str(snapshot["users"][4])
+    plain, _, _ = call(stub, user_id=user)
+    # The user's history and the unfiltered answer's top 3 excluded: k still filled.
+    top3 = [c.item_id for c in plain[:3]]
+    got, trailer, _ = call(stub, user_id=user, filter={"exclude_history": True, "exclude_item_ids": top3})
+    ids = [c.item_id for c in got]
+    assert len(ids) == 10 and not set(ids) & (set(history.tolist()) | set(top3))
+    assert trailer["nann-plan"] in ("walk", "exact", "walk+widen")
+    assert trailer["nann-filter-unknown-ids"] == "0"
+    # A category by its integer id and another by label; an unknown one is counted, not fatal.
+    first, second = sorted(set(category_of.values()))[:2]
+    got, trailer, _ = call(
+        stub, user_id=user, filter={"categories": [int(first), 987654321], "category_labels": [second]}
+    )
+    assert len(got) == 10 and {category_of[c.item_id] for c in got} <= {first, second}
+    assert trailer["nann-filter-unknown-ids"] == "1"
+    got, _, _ = call(stub, user_id=user, filter={"exclude_categories": [int(first)]})
+    assert len(got) == 10 and first not in {category_of[c.item_id] for c in got}
+    # An allow-list of categories the model does not have: nothing allowed, an empty answer.
+    got, trailer, _ = call(stub, user_id=user, filter={"categories": [987654321]})
+    assert got == [] and trailer["nann-filter-unknown-ids"] == "1"
+    # Unfiltered calls carry no plan.
+    assert "nann-plan" not in call(stub, user_id=user)[1]
+    assert server.health() == "SERVING"
 
 
 def test_garbage_bytes_are_invalid_argument_not_a_crash(server):
@@ -304,7 +355,7 @@ def test_metrics_parse_and_move(server, stub, snapshot):
 
 
 @pytest.mark.e2e
-def test_fuzz_ten_thousand_random_requests(server, snapshot):
+def test_fuzz_ten_thousand_random_requests(server, snapshot, served_workdir):
     """Random and malformed requests: only the expected codes, no crash, still SERVING after."""
     rng = np.random.default_rng(7)
     users = snapshot["users"]
@@ -314,6 +365,12 @@ def test_fuzz_ten_thousand_random_requests(server, snapshot):
     lock = threading.Lock()
     huge = [2**63 - 1, -(2**63), 2**31 - 1, -(2**31), 0, 1, -1]
     huge32 = [2**31 - 1, -(2**31), 0, 1, -1, 65536]
+    categories = [
+        int(c)
+        for c in json.loads(
+            (served_workdir / "export" / "1" / "assets.extra" / "categories.json").read_text()
+        )
+    ]
 
     def random_request(i):
         r = retrieval_pb2.RetrieveRequest(request_id=f"fuzz-{i}")
@@ -342,6 +399,21 @@ def test_fuzz_ten_thousand_random_requests(server, snapshot):
             r.params.mode = str(
                 rng.choice(["beam", "beam_sets", "hnsw", "exhaustive", "", "x" * 300, "\x00"])
             )
+        if rng.random() < 0.3:  # filters: huge lists, negative and unknown ids, empty allow-lists
+            f = r.filter
+            f.exclude_history = bool(rng.random() < 0.5)
+            if rng.random() < 0.5:
+                f.exclude_item_ids.extend(int(x) for x in rng.choice(items, rng.integers(0, 300)))
+            if rng.random() < 0.1:
+                f.exclude_item_ids.extend(int(x) for x in rng.choice(huge, rng.integers(1, 4)))
+            if rng.random() < 0.05:
+                f.exclude_item_ids.extend(range(int(rng.integers(9_990, 10_020))))
+            if rng.random() < 0.3:
+                f.categories.extend(int(x) for x in rng.choice(huge + categories, rng.integers(0, 4)))
+            if rng.random() < 0.2:
+                f.exclude_categories.extend(int(x) for x in rng.choice(huge + categories, rng.integers(0, 4)))
+            if rng.random() < 0.1:
+                f.category_labels.extend(str(x) for x in rng.choice(categories + ["", "x" * 300], 2))
         return r
 
     requests = [random_request(i) for i in range(10_000)]

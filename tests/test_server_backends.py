@@ -4,6 +4,7 @@ double that runs the same SavedModel, since no TF Serving binary exists here).""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -225,6 +226,9 @@ class PredictionServiceDouble:
 
 @pytest.mark.e2e
 def test_tfserving_backend_answers_as_the_in_process_one(start_server, served_workdir, snapshot):
+    categories = json.loads(
+        (served_workdir / "export" / "1" / "assets.extra" / "categories.json").read_text()
+    )
     double = PredictionServiceDouble(served_workdir / "export", "nann")
     try:
         via_tfs = start_server(
@@ -241,10 +245,26 @@ def test_tfserving_backend_answers_as_the_in_process_one(start_server, served_wo
             assert [c.item_id for c in remote] == [c.item_id for c in mine]
             np.testing.assert_allclose([c.score for c in remote], [c.score for c in mine], rtol=1e-6)
             assert trailer["nann-model-version"] == "1"
+            # Filters travel as the retrieve signature's inputs: the same answer and plan.
+            row_filter = retrieval_pb2.Filter(exclude_history=True, categories=[int(categories[i % 2])])
+            remote, trailer = call(via_tfs.target, user_id=user, k=20, filter=row_filter)
+            mine, local_trailer = call(local.target, user_id=user, k=20, filter=row_filter)
+            assert len(remote) == 20 and [c.item_id for c in remote] == [c.item_id for c in mine]
+            assert trailer["nann-plan"] == local_trailer["nann-plan"]
         last = double.requests[-1]
         assert last.model_spec.name == "nann" and last.model_spec.signature_name == "retrieve"
         assert last.model_spec.version.value == 1  # pinned to the version whose contract is loaded
-        assert set(last.inputs) == {"history", "k", "ef", "steps", "mode"}
+        assert set(last.inputs) == {
+            "history",
+            "k",
+            "ef",
+            "steps",
+            "mode",
+            "exclude_items",
+            "exclude_history",
+            "allow_categories",
+            "exclude_categories",
+        }
         # TF Serving going away: UNAVAILABLE (after the retries), and the server stays up.
         double.stop()
         with pytest.raises(grpc.RpcError) as caught:

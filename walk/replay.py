@@ -12,6 +12,11 @@ import sys
 
 import numpy as np
 
+# A disallowed item ranks below every allowed one in a filtered beam: its score minus this, in
+# float64 (every float32 score stays apart). The scorer's logits are far smaller. walk.search
+# uses the same constant.
+FILTER_OFFSET = 1e4
+
 
 def replay_user(
     graph,
@@ -22,6 +27,7 @@ def replay_user(
     k: int,
     start_nodes: np.ndarray | None = None,
     seeds: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
 ):
     """Algorithm 1 + 2 for one user over exact ``scores`` [N]: (top-k dense ids, items scored).
 
@@ -29,36 +35,58 @@ def replay_user(
     ``start_nodes`` replaces the start layer's nodes; ``seeds`` (dense ids, -1 ignored) join the
     entry points of layer 0, and with ``start_layer`` 0 are its only ones, as
     :func:`walk.search.beam_retrieval`'s arguments of the same names.
+
+    ``allowed`` (bool [N]) is a filter, as the export's: every item may still be walked through,
+    but each beam ranks allowed items before the others (by score within each), and the answer
+    is the best ``k`` allowed items among all the walk scored: fewer when it met fewer.
     """
+    key = _ranking(scores, allowed)
     seeds = None if seeds is None else np.unique(seeds[seeds >= 0])
     if start_layer == 0 and seeds is not None:
         beam, scored, layers = seeds, len(seeds), [0]
+        met = [seeds]
     else:
         start = graph.nodes[start_layer] if start_nodes is None else start_nodes
         scored, layers = len(start), range(start_layer - 1, -1, -1)
-        beam = start[np.argsort(-scores[start], kind="stable")[: ef[0]]]
+        beam = start[np.argsort(key[start], kind="stable")[: ef[0]]]
+        met = [start]
     for layer in layers:
         if layer == 0 and seeds is not None and start_layer:
             new = np.setdiff1d(seeds, beam)
             beam, scored = np.concatenate([beam, new]), scored + len(new)
+            met.append(new)
         top_down = start_layer - layer
-        beam, walked = walk_layer(graph, layer, scores, beam, ef[top_down], steps[top_down])
+        beam, walked, new = walk_layer(graph, layer, key, beam, ef[top_down], steps[top_down])
         scored += walked
-    top = beam[np.argsort(-scores[beam], kind="stable")[:k]]
-    return top, scored
+        met.append(new)
+    if allowed is None:
+        return beam[np.argsort(key[beam], kind="stable")[:k]], scored
+    pool = np.unique(np.concatenate(met))
+    pool = pool[allowed[pool]]
+    return pool[np.argsort(key[pool], kind="stable")[:k]], scored
 
 
-def walk_layer(graph, layer: int, scores, entry, width: int, rounds: int):
+def _ranking(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """Sort keys (ascending = better): -score, and with a filter :func:`walk.search.Filter.rank`'s
+    key (every allowed item first), in float64 as the SavedModel computes it."""
+    if allowed is None:
+        return -scores.astype(np.float32)
+    scores = scores.astype(np.float32).astype(np.float64)
+    return -np.where(allowed, scores, scores - FILTER_OFFSET)
+
+
+def walk_layer(graph, layer: int, key, entry, width: int, rounds: int):
     """Algorithm 2 on one layer from ``entry`` (already scored; every one is expanded first):
-    at most ``rounds`` expansions of the newest beam members -> (beam, items scored in the walk).
+    at most ``rounds`` expansions of the newest beam members, ranked by ``key`` (ascending) ->
+    (beam, items scored in the walk, those items).
     """
-    visited = np.zeros(len(scores), bool)
+    visited = np.zeros(len(key), bool)
     visited[entry] = True
     cand = entry
     rows = graph.positions(layer) if layer else None
     table = graph.neighbors[layer]
-    beam = entry[np.argsort(-scores[entry], kind="stable")[:width]]
-    scored = 0
+    beam = entry[np.argsort(key[entry], kind="stable")[:width]]
+    scored, met = 0, []
     for _ in range(rounds):
         nb = table[cand if rows is None else rows[cand]].ravel()
         nb = nb[nb >= 0]
@@ -69,13 +97,14 @@ def walk_layer(graph, layer: int, scores, entry, width: int, rounds: int):
             break
         visited[new] = True
         scored += len(new)
+        met.append(new)
         pool = np.concatenate([beam, new])
-        keep = pool[np.argsort(-scores[pool], kind="stable")[:width]]
+        keep = pool[np.argsort(key[pool], kind="stable")[:width]]
         cand = np.intersect1d(keep, new)
         beam = keep
         if not len(cand):
             break
-    return beam, scored
+    return beam, scored, np.concatenate(met) if met else entry[:0]
 
 
 def exact_top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!nann/retrieval/v1/retrieval.proto\x12\x11nann.retrieval.v1\"7\n\x0cSearchParams\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\n\n\x02\x65\x66\x18\x02 \x03(\x05\x12\r\n\x05steps\x18\x03 \x03(\x05\"\x83\x01\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07history\x18\x02 \x03(\x03\x12\t\n\x01k\x18\x03 \x01(\x05\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.nann.retrieval.v1.SearchParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"D\n\x10RetrieveResponse\x12\x30\n\ncandidates\x18\x01 \x03(\x0b\x32\x1c.nann.retrieval.v1.Candidate2b\n\tRetriever\x12U\n\x08Retrieve\x12\".nann.retrieval.v1.RetrieveRequest\x1a#.nann.retrieval.v1.RetrieveResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!nann/retrieval/v1/retrieval.proto\x12\x11nann.retrieval.v1\"7\n\x0cSearchParams\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\n\n\x02\x65\x66\x18\x02 \x03(\x05\x12\r\n\x05steps\x18\x03 \x03(\x05\"\xa5\x01\n\x06\x46ilter\x12\x18\n\x10\x65xclude_item_ids\x18\x01 \x03(\x03\x12\x17\n\x0f\x65xclude_history\x18\x02 \x01(\x08\x12\x12\n\ncategories\x18\x03 \x03(\x03\x12\x1a\n\x12\x65xclude_categories\x18\x04 \x03(\x03\x12\x17\n\x0f\x63\x61tegory_labels\x18\x05 \x03(\t\x12\x1f\n\x17\x65xclude_category_labels\x18\x06 \x03(\t\"\xae\x01\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07history\x18\x02 \x03(\x03\x12\t\n\x01k\x18\x03 \x01(\x05\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.nann.retrieval.v1.SearchParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x19.nann.retrieval.v1.Filter\"9\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"D\n\x10RetrieveResponse\x12\x30\n\ncandidates\x18\x01 \x03(\x0b\x32\x1c.nann.retrieval.v1.Candidate2b\n\tRetriever\x12U\n\x08Retrieve\x12\".nann.retrieval.v1.RetrieveRequest\x1a#.nann.retrieval.v1.RetrieveResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEARCHPARAMS']._serialized_start=56
   _globals['_SEARCHPARAMS']._serialized_end=111
-  _globals['_RETRIEVEREQUEST']._serialized_start=114
-  _globals['_RETRIEVEREQUEST']._serialized_end=245
-  _globals['_CANDIDATE']._serialized_start=247
-  _globals['_CANDIDATE']._serialized_end=304
-  _globals['_RETRIEVERESPONSE']._serialized_start=306
-  _globals['_RETRIEVERESPONSE']._serialized_end=374
-  _globals['_RETRIEVER']._serialized_start=376
-  _globals['_RETRIEVER']._serialized_end=474
+  _globals['_FILTER']._serialized_start=114
+  _globals['_FILTER']._serialized_end=279
+  _globals['_RETRIEVEREQUEST']._serialized_start=282
+  _globals['_RETRIEVEREQUEST']._serialized_end=456
+  _globals['_CANDIDATE']._serialized_start=458
+  _globals['_CANDIDATE']._serialized_end=515
+  _globals['_RETRIEVERESPONSE']._serialized_start=517
+  _globals['_RETRIEVERESPONSE']._serialized_end=585
+  _globals['_RETRIEVER']._serialized_start=587
+  _globals['_RETRIEVER']._serialized_end=685
 # @@protoc_insertion_point(module_scope)

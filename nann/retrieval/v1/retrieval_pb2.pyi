@@ -16,19 +16,37 @@ class SearchParams(_message.Message):
     steps: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, mode: _Optional[str] = ..., ef: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Filter(_message.Message):
+    __slots__ = ("exclude_item_ids", "exclude_history", "categories", "exclude_categories", "category_labels", "exclude_category_labels")
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_CATEGORY_LABELS_FIELD_NUMBER: _ClassVar[int]
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[int]
+    exclude_history: bool
+    categories: _containers.RepeatedScalarFieldContainer[int]
+    exclude_categories: _containers.RepeatedScalarFieldContainer[int]
+    category_labels: _containers.RepeatedScalarFieldContainer[str]
+    exclude_category_labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, exclude_item_ids: _Optional[_Iterable[int]] = ..., exclude_history: _Optional[bool] = ..., categories: _Optional[_Iterable[int]] = ..., exclude_categories: _Optional[_Iterable[int]] = ..., category_labels: _Optional[_Iterable[str]] = ..., exclude_category_labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RetrieveRequest(_message.Message):
-    __slots__ = ("user_id", "history", "k", "params", "request_id")
+    __slots__ = ("user_id", "history", "k", "params", "request_id", "filter")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     history: _containers.RepeatedScalarFieldContainer[int]
     k: int
     params: SearchParams
     request_id: str
-    def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    filter: Filter
+    def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., request_id: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("item_id", "score", "rank")

@@ -50,7 +50,10 @@ class RetrieverServicer:
         """Streams the user's top-k candidates in rank order, in chunks (one message per
         `--chunk-size` candidates, 200 by default). Trailing metadata carries
         `nann-items-scored`, `nann-model-version`, `nann-unknown-ids-dropped` and
-        `nann-history-length` (behaviours used after truncation to the model's max_len).
+        `nann-history-length` (behaviours used after truncation to the model's max_len); a
+        filtered call adds `nann-plan` (walk, exact or walk+widen), `nann-filter-removed` (scored
+        items the filter kept out of the answer) and `nann-filter-unknown-ids` (filter ids the model
+        does not know, ignored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

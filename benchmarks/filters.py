@@ -1,0 +1,134 @@
+"""Filters inside the walk: coverage@k against exhaustive search under the same filter, cost, plan.
+
+For one workdir W (a trained model, its graph and an export with filters):
+
+a. ``model_export.filter_eval``'s study on ``--users`` test users at batch 1: the unfiltered
+   default query, category allow-lists drawn to allow each ``--selectivity`` share of the items,
+   and exclusions of the user's history and of 1k / 10k random items; coverage@k against the
+   exact top k under the same filter, items scored, p50 / p99, the plan chosen, k not filled;
+b. with ``--before DIR`` (a SavedModel version written before filters existed): the unfiltered
+   default query of both exports on the same users, alternating call by call in one process
+   (p50 at batch 1 and coverage@k): what filters cost a caller who sends none.
+
+    python -m benchmarks.filters --workdir W --name LABEL [--users 100] [--before W/export/1]
+
+Writes ``benchmarks/results/filters_<LABEL>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import harness
+
+
+def before_after(ev, scores, before: Path, after: Path, rounds: int) -> list[dict]:
+    """The unfiltered default query of two exports, alternating per call, on the same users."""
+    tf = harness.import_tensorflow()
+    from nann_common import contract
+    from walk.replay import exact_top_k
+
+    original = ev.dataset.item_ids
+    histories = np.where(ev.histories >= 0, original[np.maximum(ev.histories, 0)], -1)
+    reference = exact_top_k(scores, 200)
+    sides = []
+    for label, path in (("before", before), ("after", after)):
+        served = contract.load_contract(path, verify=False)
+        model = tf.saved_model.load(str(path))
+        name = contract.XLA_SIGNATURE if served.has_xla_signature else contract.RETRIEVE_SIGNATURE
+        if served.has_xla_signature:
+            model.signatures[contract.XLA_WARMUP_SIGNATURE](history=tf.constant(histories[:1]))
+        sides.append((label, path, served, model.signatures[name], name))
+    times = {label: [] for label, *_ in sides}
+    cover = {label: [] for label, *_ in sides}
+    for r in range(rounds):
+        for u in range(ev.num_users):
+            for label, _, served, fn, _ in sides if (u + r) % 2 else sides[::-1]:
+                inputs = served.inputs(histories[u : u + 1], served.resolve())
+                started = time.perf_counter()
+                out = fn(**{key: tf.constant(value) for key, value in inputs.items()})
+                times[label].append(1000 * (time.perf_counter() - started))
+                if r == 0:
+                    got = np.searchsorted(original, out["item_ids"].numpy()[0])
+                    k = len(got)
+                    cover[label].append(len(np.intersect1d(got, reference[u][:k])) / k)
+    return [
+        {
+            "export": label,
+            "version": path.name,
+            "signature": name,
+            "p50_ms": float(np.median(times[label])),
+            "mean_ms": float(np.mean(times[label])),
+            "calls": len(times[label]),
+            **harness.coverage_stats(cover[label]),
+        }
+        for label, path, _, _, name in sides
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, __file__)
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--name", required=True, help="corpus label in the result files")
+    parser.add_argument("--users", type=int, default=100, help="seeded test users (default 100)")
+    parser.add_argument(
+        "--selectivity",
+        type=lambda t: tuple(float(x) for x in t.split(",")),
+        default=(0.5, 0.1, 0.01, 0.001),
+        help="allow-list shares (default 0.5,0.1,0.01,0.001)",
+    )
+    parser.add_argument("--before", type=Path, default=None, help="an export version dir from before filters")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="before/after: passes over the users (default 3)"
+    )
+    args = parser.parse_args(argv)
+
+    harness.import_tensorflow()
+    from model_export import filter_eval
+    from model_export.evaluate import Evaluation
+    from walk.replay import exact_scores
+
+    peak = harness.matmul_peak_gflops()
+    ev = Evaluation(args.workdir, "test", args.users, 0)
+    scores = exact_scores(ev, progress=False)
+    study = filter_eval.filter_study(
+        args.workdir, args.selectivity, users=args.users, evaluation=ev, scores=scores, progress=True
+    )
+    result = {**harness.result_header(__file__, argv, peak), "name": args.name, "study": study}
+    lines = [
+        f"## Filters, {args.name}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        filter_eval.markdown(study),
+    ]
+    if args.before is not None:
+        rows = before_after(ev, scores, args.before, ev.export_path, args.rounds)
+        result["before_after"] = rows
+        lines += [
+            "Unfiltered default query, the export from before filters against this one, alternating call by "
+            "call on the same users:",
+            "",
+            "| export | version | signature | p50 ms | mean ms | calls | coverage@200 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['export']} | {r['version']} | {r['signature']} | {r['p50_ms']:.2f} | "
+                f"{r['mean_ms']:.2f} | {r['calls']} | {r['coverage']:.4f} |"
+            )
+        lines.append("")
+        for r in rows:
+            print(r, flush=True)
+    stem = harness.RESULTS / f"filters_{args.name}"
+    harness.write_result(stem.with_suffix(".json"), result)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
