@@ -408,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
         "one thread, and TensorFlow runs independent calls side by side; 2 on 2 cores with one "
         "intra-op thread measured fastest (docs/parameters.md). retrieve, for TF Serving, is not split",
     )
+    ex.add_argument(
+        "--exact-below",
+        type=int,
+        default=None,
+        help="filters: score a filter's allowed items exactly when every user of a call allows at "
+        "most this many (times the walk's growth with selectivity); default: 2 x the items the "
+        "default query scores, measured at export (docs/parameters.md, Filters)",
+    )
 
     fe = sub.add_parser(
         "features",
@@ -626,7 +634,9 @@ def _export(args) -> int:
             else f"{config.query_source}, flags for {', '.join(given)}"
         )
         config = dataclasses.replace(config, **given, query_source=source)
-    config = dataclasses.replace(config, start_layer=args.start_layer, score_split=args.score_split)
+    config = dataclasses.replace(
+        config, start_layer=args.start_layer, score_split=args.score_split, exact_below=args.exact_below
+    )
     logger.info("query defaults from %s", config.query_source)
     print(export(args.workdir, config))
     return 0

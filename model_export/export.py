@@ -21,6 +21,11 @@ Signatures (dense and batch-major, as TF Serving's batching needs):
   ``score_split`` parts; the same answers, about twice as fast on CPU. The in-process server
   runs it; stock TF Serving runs the two signatures above, which hold no XLA op (it would need
   ``--xla_cpu_compilation_enabled`` for this one). All signatures share the variables.
+* ``retrieve_filtered`` and ``retrieve_filtered_xla``: ``retrieve`` / ``retrieve_xla`` with a
+  filter per row (``exclude_items``, ``exclude_history``, ``allow_categories``,
+  ``exclude_categories``; :mod:`nann_common.contract`) and two more outputs, ``plan`` and
+  ``removed``: the filter is applied inside the walk, by the planner (``_filtered``). Separate
+  signatures, so that an unfiltered call runs exactly the unfiltered graph.
 * ``warmup_xla``: ``history`` [B, L] -> compiles and runs the XLA scorer at every shape
   ``retrieve_xla`` can meet at batch B (padded to a power of two), so that no call after the
   warm-up pays for a compilation.
@@ -249,14 +254,18 @@ class RetrievalModule(tf.Module):
             tf.TensorSpec([None, depth], tf.int32, name="ef"),
             tf.TensorSpec([None, depth], tf.int32, name="steps"),
             tf.TensorSpec([None], tf.string, name="mode"),
+        ]
+        filter_params = params + [
             tf.TensorSpec([None, None], tf.int64, name="exclude_items"),
             tf.TensorSpec([None], tf.bool, name="exclude_history"),
             tf.TensorSpec([None, None], tf.int32, name="allow_categories"),
             tf.TensorSpec([None, None], tf.int32, name="exclude_categories"),
         ]
         self.serve_default = tf.function(self._serve_default, input_signature=[history])
-        self.retrieve = tf.function(self._retrieve_fn(xla=False), input_signature=params)
-        self.retrieve_xla = tf.function(self._retrieve_fn(xla=True), input_signature=params)
+        self.retrieve = tf.function(self._retrieve_stock, input_signature=params)
+        self.retrieve_xla = tf.function(self._retrieve_xla, input_signature=params)
+        self.retrieve_filtered = tf.function(self._filtered_fn(xla=False), input_signature=filter_params)
+        self.retrieve_filtered_xla = tf.function(self._filtered_fn(xla=True), input_signature=filter_params)
         self.warmup_xla = tf.function(self._warmup_xla, input_signature=[history])
 
     def _state_spec(self, dim: int) -> dict:
@@ -350,8 +359,14 @@ class RetrievalModule(tf.Module):
             tf.constant(self.default_mode),
         )
 
-    def _retrieve_fn(self, xla: bool):
-        """``retrieve`` (stock scorer) or ``retrieve_xla``: the inputs by name, as signatures take them."""
+    def _retrieve_stock(self, history, k, ef, steps, mode):
+        return self._retrieve_signature(history, k, ef, steps, mode, None, xla=False)
+
+    def _retrieve_xla(self, history, k, ef, steps, mode):
+        return self._retrieve_signature(history, k, ef, steps, mode, None, xla=True)
+
+    def _filtered_fn(self, xla: bool):
+        """``retrieve_filtered`` (stock scorer) or ``retrieve_filtered_xla``, inputs by name."""
 
         def retrieve(
             history, k, ef, steps, mode, exclude_items, exclude_history, allow_categories, exclude_categories
@@ -359,7 +374,7 @@ class RetrievalModule(tf.Module):
             filters = (exclude_items, exclude_history, allow_categories, exclude_categories)
             return self._retrieve_signature(history, k, ef, steps, mode, filters, xla=xla)
 
-        retrieve.__name__ = "_retrieve_xla" if xla else "_retrieve_stock"
+        retrieve.__name__ = "_retrieve_filtered_xla" if xla else "_retrieve_filtered"
         return retrieve
 
     def _warmup_xla(self, history):
@@ -400,7 +415,7 @@ class RetrievalModule(tf.Module):
                 tf.debugging.assert_equal(
                     tf.shape(f)[0], rows, message="every filter input needs one row per history row"
                 )
-                for f in filters
+                for f in filters or ()
             ),
         ]
         with tf.control_dependencies(same):
@@ -500,19 +515,10 @@ class RetrievalModule(tf.Module):
             ids, scores, scored = unfiltered()
             return {"item_ids": tf.gather(item_ids, tf.maximum(ids, 0)), "scores": scores, "scored": scored}
 
-        flt, allowed, active, entries = self._filter(dense, item_ids, *filters)
-
-        def plain():
-            zeros = tf.zeros([batch], tf.int32)
-            return (*unfiltered(), zeros, zeros)
-
-        def filtered():
-            return self._filtered(
-                flt, allowed, entries, k, ef_list, steps_list, index, walks, score_fn, batch
-            )
-
-        # A request without a filter runs exactly the unfiltered walk.
-        ids, scores, scored, plan, removed = tf.cond(tf.reduce_any(active), filtered, plain)
+        flt, allowed, entries = self._filter(dense, item_ids, *filters)
+        ids, scores, scored, plan, removed = self._filtered(
+            flt, allowed, entries, k, ef_list, steps_list, index, walks, score_fn, batch
+        )
         return {
             "item_ids": tf.where(ids >= 0, tf.gather(item_ids, tf.maximum(ids, 0)), contract.PAD_ID),
             "scores": scores,
@@ -523,8 +529,8 @@ class RetrievalModule(tf.Module):
 
     # -- filters -------------------------------------------------------------------
     def _filter(self, dense, item_ids, exclude_items, exclude_history, allow_categories, exclude_categories):
-        """The filter inputs -> (a :class:`walk.search.Filter`, allowed items per row [B], whether a
-        row has any filter [B], extra entry points [B, m] -1 padded: one item of each category a
+        """The filter inputs -> (a :class:`walk.search.Filter`, allowed items per row [B], extra
+        entry points [B, m] -1 padded: one item of each category a
         row's allow-list names, when it names at most ENTRY_CATEGORIES). Unknown item ids and
         category indices are ignored."""
         n, c = self.num_items, self.num_categories
@@ -545,7 +551,7 @@ class RetrievalModule(tf.Module):
             return tf.reshape(hits[:-1] > 0, [batch, c]), tf.reduce_any(valid, axis=1)
 
         allow, has_allow = category_mask(allow_categories)
-        deny, has_deny = category_mask(exclude_categories)
+        deny, _ = category_mask(exclude_categories)
         category_ok = tf.where(has_allow[:, None], allow, True) & ~deny
         flt = search.Filter(tf.convert_to_tensor(self.item_category), category_ok, excluded)
         # Allowed items per row: the allowed categories' sizes, less the excluded items in them.
@@ -555,7 +561,6 @@ class RetrievalModule(tf.Module):
         first = tf.concat([tf.ones([batch, 1], tf.bool), excluded[:, 1:] != excluded[:, :-1]], axis=1)
         counted = flt.allows(tf.where(first & (excluded < n), excluded, -1), check_excluded=False)
         allowed = in_categories - tf.reduce_sum(tf.cast(counted, tf.int32), axis=1)
-        active = has_allow | has_deny | tf.reduce_any(excluded < n, axis=1)
         named = tf.reduce_sum(tf.cast(allow, tf.int32), axis=1)
         seeded = allow & (has_allow & (named <= ENTRY_CATEGORIES))[:, None]
         entries = tf.where(seeded, tf.convert_to_tensor(self.category_entries)[None, :], -1)
@@ -564,7 +569,7 @@ class RetrievalModule(tf.Module):
             tf.gather_nd(entries, at), at[:, 0], nrows=tf.cast(batch, tf.int64), validate=False
         ).to_tensor(default_value=-1)
         entries = tf.concat([entries, tf.fill([batch, 1], -1)], axis=1)  # never zero-wide
-        return flt, allowed, active, entries
+        return flt, allowed, entries
 
     def _allowed_items(self, flt):
         """Every row's allowed items [B, M] (dense ids, -1 padded), gathered by category."""
@@ -756,8 +761,11 @@ def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps, 
             take = np.arange(row, row + batch) % len(histories)
             row += batch
             request = predict_pb2.PredictRequest()
-            request.model_spec.signature_name = contract.RETRIEVE_SIGNATURE
-            inputs = contract.retrieve_inputs(histories[take], query, filters)
+            with_filters = contract.filtered(filters)
+            request.model_spec.signature_name = (
+                contract.FILTER_SIGNATURE if with_filters else contract.RETRIEVE_SIGNATURE
+            )
+            inputs = contract.retrieve_inputs(histories[take], query, filters if with_filters else None)
             for name, value in inputs.items():
                 request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
@@ -804,7 +812,7 @@ def measured_walk_cost(module: RetrievalModule, histories: np.ndarray, config: E
     scored = []
     for start in range(0, len(histories), 16):
         rows = histories[start : start + 16]
-        inputs = contract.retrieve_inputs(rows, query, [contract.NO_FILTER] * len(rows))
+        inputs = contract.retrieve_inputs(rows, query)
         out = module.retrieve(**{name: tf.constant(value) for name, value in inputs.items()})
         scored.append(out["scored"].numpy())
     return float(np.concatenate(scored).mean())
@@ -863,6 +871,8 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
                 contract.DEFAULT_SIGNATURE: module.serve_default.get_concrete_function(),
                 contract.RETRIEVE_SIGNATURE: module.retrieve.get_concrete_function(),
                 contract.XLA_SIGNATURE: module.retrieve_xla.get_concrete_function(),
+                contract.FILTER_SIGNATURE: module.retrieve_filtered.get_concrete_function(),
+                contract.XLA_FILTER_SIGNATURE: module.retrieve_filtered_xla.get_concrete_function(),
                 contract.XLA_WARMUP_SIGNATURE: module.warmup_xla.get_concrete_function(),
             },
         )

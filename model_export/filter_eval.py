@@ -85,8 +85,9 @@ def filter_study(
     if not serving.has_filters:
         raise contract.InvalidRequest(f"{ev.export_path} was exported before filters; re-export it")
     query = serving.resolve(k)
-    name = contract.XLA_SIGNATURE if serving.has_xla_signature else contract.RETRIEVE_SIGNATURE
-    fn = model.signatures[name]
+    xla = serving.has_xla_signature
+    name = serving.signature(xla, filtered=True)
+    fns = {filtered: model.signatures[serving.signature(xla, filtered)] for filtered in (False, True)}
     original = ev.dataset.item_ids
     histories = np.where(ev.histories >= 0, original[np.maximum(ev.histories, 0)], -1)
     if scores is None:
@@ -102,7 +103,7 @@ def filter_study(
             f, allowed = draw_filter(kind, selectivity, ev.dataset, ev.histories[u], exclude_history, rng)
             inputs = serving.inputs(histories[u : u + 1], query, [f])
             started = time.perf_counter()
-            out = fn(**{key: tf.constant(value) for key, value in inputs.items()})
+            out = fns[bool(f)](**{key: tf.constant(value) for key, value in inputs.items()})
             ms.append(1000 * (time.perf_counter() - started))
             got = out["item_ids"].numpy()[0]
             got = np.searchsorted(original, got[got >= 0])
@@ -112,8 +113,8 @@ def filter_study(
             cover.append(len(np.intersect1d(got, best)) / max(want, 1))
             short.append(len(got) < want)
             scored.append(int(out["scored"].numpy()[0]))
-            plans.append(PLANS[int(out["plan"].numpy()[0])])
-            removed.append(int(out["removed"].numpy()[0]))
+            plans.append(PLANS[int(out["plan"].numpy()[0])] if f else "walk")
+            removed.append(int(out["removed"].numpy()[0]) if f else 0)
             share.append(len(ids) / len(allowed))
         cover = np.array(cover)
         rows.append(

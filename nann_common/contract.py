@@ -35,7 +35,9 @@ XLA_SIGNATURE = "retrieve_xla"
 XLA_WARMUP_SIGNATURE = "warmup_xla"
 RETRIEVE_INPUTS = ("history", "k", "ef", "steps", "mode")
 RETRIEVE_OUTPUTS = ("item_ids", "scores", "scored")
-# Filters, one row per user (retrieve and retrieve_xla of exports that have them):
+# Filtered calls run their own signatures (the unfiltered ones stay exactly as they were: a filter
+# branch inside them cost an unfiltered call 10% at batch 1): retrieve_filtered (stock ops, TF
+# Serving) and retrieve_filtered_xla take RETRIEVE_INPUTS + FILTER_INPUTS, one row per user:
 # exclude_items int64 [B, E] original ids never returned (-1 padded; unknown ids are ignored),
 # exclude_history bool [B] (the row's history is never returned either), allow_categories and
 # exclude_categories int32 [B, A] / [B, X] dense category indices (positions in CATEGORIES_FILE,
@@ -43,6 +45,8 @@ RETRIEVE_OUTPUTS = ("item_ids", "scores", "scored")
 FILTER_INPUTS = ("exclude_items", "exclude_history", "allow_categories", "exclude_categories")
 # plan int32 [B]: PLANS[plan] ran for the row; removed int32 [B]: scored items the filter removed.
 FILTER_OUTPUTS = ("plan", "removed")
+FILTER_SIGNATURE = "retrieve_filtered"
+XLA_FILTER_SIGNATURE = "retrieve_filtered_xla"
 PLANS = ("walk", "exact", "walk+widen")
 PAD_ID = -1
 ITEM_IDS_FILE = "assets.extra/item_ids.npy"
@@ -82,16 +86,18 @@ class ServingContract:
     default_mode: str = DEFAULT_MODE
     xla_scorer: bool = False  # retrieve itself compiles with XLA (exports older than retrieve_xla)
     xla_batches: tuple[int, ...] = ()  # batch sizes retrieve_xla compiles for; () = no retrieve_xla
-    num_categories: int = 0  # > 0: retrieve takes FILTER_INPUTS (exports from before filters: 0)
+    num_categories: int = 0  # > 0: the export has the filtered signatures (before filters: 0)
     exact_below: int = 0  # the planner scores a filter's allowed items exactly up to this many
 
     @property
     def has_filters(self) -> bool:
         return self.num_categories > 0
 
-    @property
-    def retrieve_inputs(self) -> tuple[str, ...]:
-        return RETRIEVE_INPUTS + (FILTER_INPUTS if self.has_filters else ())
+    def signature(self, xla: bool, filtered: bool = False) -> str:
+        """The signature a call runs: stock or XLA scorer, unfiltered or filtered."""
+        if filtered:
+            return XLA_FILTER_SIGNATURE if xla else FILTER_SIGNATURE
+        return XLA_SIGNATURE if xla else RETRIEVE_SIGNATURE
 
     @property
     def has_xla_signature(self) -> bool:
@@ -189,15 +195,13 @@ class ServingContract:
         return ids
 
     def inputs(self, histories: np.ndarray, query: Query, filters: list[RowFilter] | None = None) -> dict:
-        """This export's ``retrieve`` inputs: :func:`retrieve_inputs`, with the filter inputs (no
-        filter where ``filters`` is None) when the export takes them."""
-        if not self.has_filters:
-            if filters is not None and any(filters):
-                raise InvalidRequest(
-                    f"model version {self.version} was exported before filters; re-export it"
-                )
+        """The inputs of :meth:`signature` ``(xla, filtered=bool(filters))``: with the filter
+        inputs when ``filters`` holds any filter (then the filtered signature takes them)."""
+        if not filtered(filters):
             return retrieve_inputs(histories, query)
-        return retrieve_inputs(histories, query, filters or [NO_FILTER] * len(histories))
+        if not self.has_filters:
+            raise InvalidRequest(f"model version {self.version} was exported before filters; re-export it")
+        return retrieve_inputs(histories, query, filters)
 
     def category_labels(self) -> list[str]:
         """The corpus' original category labels; a filter's dense category c is labels[c]."""
@@ -229,6 +233,11 @@ class RowFilter:
 
 
 NO_FILTER = RowFilter()
+
+
+def filtered(filters: list[RowFilter] | None) -> bool:
+    """Whether a call with these per-row filters runs the filtered signature."""
+    return filters is not None and any(filters)
 
 
 def _padded(rows: list[tuple[int, ...]], dtype) -> np.ndarray:
@@ -290,16 +299,21 @@ def serving_block(
     exact_below: int = 0,
 ) -> dict:
     """The ``serving`` block of an export's meta.json (what :meth:`ServingContract.from_meta` reads)."""
-    inputs = list(RETRIEVE_INPUTS) + (list(FILTER_INPUTS) if num_categories else [])
-    outputs = list(RETRIEVE_OUTPUTS) + (list(FILTER_OUTPUTS) if num_categories else [])
+    plain = {"inputs": list(RETRIEVE_INPUTS), "outputs": list(RETRIEVE_OUTPUTS)}
+    with_filters = {
+        "inputs": list(RETRIEVE_INPUTS + FILTER_INPUTS),
+        "outputs": list(RETRIEVE_OUTPUTS + FILTER_OUTPUTS),
+    }
     return {
         "contract_version": CONTRACT_VERSION,
         "signatures": {
             DEFAULT_SIGNATURE: {"inputs": ["history"], "outputs": list(RETRIEVE_OUTPUTS)},
-            RETRIEVE_SIGNATURE: {"inputs": inputs, "outputs": outputs},
+            RETRIEVE_SIGNATURE: plain,
+            **({FILTER_SIGNATURE: with_filters} if num_categories else {}),
+            **({XLA_FILTER_SIGNATURE: with_filters} if num_categories and xla_batches else {}),
             **(
                 {
-                    XLA_SIGNATURE: {"inputs": inputs, "outputs": outputs},
+                    XLA_SIGNATURE: plain,
                     XLA_WARMUP_SIGNATURE: {"inputs": ["history"], "outputs": ["widths", "finite"]},
                 }
                 if xla_batches

@@ -31,6 +31,7 @@ from server.errors import DeadlineExceeded, Unavailable
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+_STOCK = (contract_lib.RETRIEVE_SIGNATURE, contract_lib.FILTER_SIGNATURE)
 
 # (histories int64 [B, L] -1 padded, query, timeout seconds or None, one RowFilter per row or None)
 # -> Answer with [B, ...] arrays
@@ -247,33 +248,38 @@ class InProcessBackend(Backend):
             except (OSError, ValueError, tf.errors.OpError) as e:
                 raise NannError(f"{path} does not load as a SavedModel: {type(e).__name__}: {e}") from e
             signature = self._signature(contract)
-            fn = model.signatures.get(signature)
-            if fn is None:
-                raise NannError(f"{path} has no {signature!r} signature")
-            names = set(fn.structured_input_signature[1])
-            if names != set(contract.retrieve_inputs):
-                raise NannError(
-                    f"{path}: signature inputs {sorted(names)} are not {list(contract.retrieve_inputs)}"
-                )
+            xla = signature == contract_lib.XLA_SIGNATURE
+            # Unfiltered calls run `signature`; filtered ones its filtered twin (exports with filters).
+            fns = {}
+            for filtered in (False, True) if contract.has_filters else (False,):
+                name = contract.signature(xla, filtered)
+                fns[filtered] = model.signatures.get(name)
+                if fns[filtered] is None:
+                    raise NannError(f"{path} has no {name!r} signature")
+                want = contract_lib.RETRIEVE_INPUTS + (contract_lib.FILTER_INPUTS if filtered else ())
+                names = set(fns[filtered].structured_input_signature[1])
+                if names != set(want):
+                    raise NannError(f"{path}: {name} inputs {sorted(names)} are not {list(want)}")
 
             def run(histories, query, timeout=None, filters=None):
-                inputs = contract_lib.retrieve_inputs(
-                    histories, query, _row_filters(contract, histories, filters)
-                )
                 try:
+                    inputs = contract.inputs(histories, query, filters)
+                    fn = fns[contract_lib.filtered(filters)]
                     out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
-                except tf.errors.InvalidArgumentError as e:
-                    raise ModelRefused(f"the model refused a validated request: {e.message}") from e
+                except (tf.errors.InvalidArgumentError, contract_lib.InvalidRequest) as e:
+                    message = getattr(e, "message", str(e))
+                    raise ModelRefused(f"the model refused a validated request: {message}") from e
                 return Answer.of({name: t.numpy() for name, t in out.items()})
 
             records = read_warmup(path)
             compiled = 0
-            if signature == contract_lib.XLA_SIGNATURE:
+            if xla:
                 compiled = self._warm_xla(model, contract, records)
                 # Batches the micro-batcher never forms would compile shapes no call uses.
                 records = [(s, i) for s, i in records if len(i["history"]) <= self.max_batch]
             for name, inputs in records:
-                f = fn if name == contract_lib.RETRIEVE_SIGNATURE else model.signatures[name]
+                # The records name the stock signatures (TF Serving's); this server runs `signature`.
+                f = fns[name == contract_lib.FILTER_SIGNATURE] if name in _STOCK else model.signatures[name]
                 f(**{key: tf.constant(value) for key, value in inputs.items()})
             self._models[contract.version] = model
             logger.info(
@@ -451,7 +457,6 @@ class TFServingBackend(Backend):
 
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
-        request.model_spec.signature_name = contract_lib.RETRIEVE_SIGNATURE
         if self.pinned:
             request.model_spec.version.value = contract.version
         # Padded to max_len (padding does not change the answer), so that TF Serving's batching
@@ -461,7 +466,13 @@ class TFServingBackend(Backend):
             padded = np.full((histories.shape[0], contract.max_len), contract_lib.PAD_ID, np.int64)
             padded[:, : histories.shape[1]] = histories
             histories = padded
-        inputs = contract_lib.retrieve_inputs(histories, query, _row_filters(contract, histories, filters))
+        try:
+            inputs = contract.inputs(histories, query, filters)
+        except contract_lib.InvalidRequest as e:
+            raise ModelRefused(str(e)) from e
+        request.model_spec.signature_name = contract.signature(
+            xla=False, filtered=contract_lib.filtered(filters)
+        )
         for name, value in inputs.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
         if timeout is None:
@@ -493,15 +504,6 @@ class TFServingBackend(Backend):
                     raise ModelRefused(f"the model refused a validated request: {e.details()}") from e
                 raise RuntimeError(f"TF Serving answered {code.name}: {e.details()}") from e
         return Answer.of({name: tf.make_ndarray(proto) for name, proto in response.outputs.items()})
-
-
-def _row_filters(contract: ServingContract, histories, filters):
-    """The filters to send: one per row for an export with filters, None for one without."""
-    if not contract.has_filters:
-        if filters is not None and any(filters):
-            raise ModelRefused(f"model version {contract.version} takes no filters")
-        return None
-    return list(filters) if filters is not None else [contract_lib.NO_FILTER] * len(histories)
 
 
 def _categories(contract: ServingContract) -> dict[str, int]:

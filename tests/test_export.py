@@ -47,7 +47,7 @@ def _inputs(history, k, ef, steps, mode, filters=None):
         "ef": np.array([ef] * b, np.int32),
         "steps": np.array([steps] * b, np.int32),
         "mode": np.array([mode] * b),
-        **contract.filter_inputs(filters or [contract.NO_FILTER] * b),
+        **(contract.filter_inputs(filters) if filters else {}),
     }
 
 
@@ -334,11 +334,11 @@ def _xla_functions(concrete) -> set[str]:
 
 
 def test_tf_serving_signatures_hold_no_xla_and_the_fast_one_does(saved):
-    """Stock TF Serving runs serving_default and retrieve (it refuses XLA without
-    --xla_cpu_compilation_enabled); retrieve_xla and warmup_xla are the in-process server's."""
-    for name in ("serving_default", "retrieve"):
+    """Stock TF Serving runs serving_default, retrieve and retrieve_filtered (it refuses XLA
+    without --xla_cpu_compilation_enabled); the *_xla ones are the in-process server's."""
+    for name in ("serving_default", "retrieve", "retrieve_filtered"):
         assert not _xla_functions(saved.signatures[name]), name
-    for name in ("retrieve_xla", "warmup_xla"):
+    for name in ("retrieve_xla", "retrieve_filtered_xla", "warmup_xla"):
         assert _xla_functions(saved.signatures[name]), name
 
 

@@ -59,6 +59,7 @@ def histories(evaluation) -> np.ndarray:
 
 
 def call(fn, history, filters, mode="beam_history", k=K):
+    """One call of a retrieve signature; ``filters`` None for the unfiltered ones."""
     query = contract.Query(k, EF, STEPS, mode)
     inputs = contract.retrieve_inputs(history, query, filters)
     out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
@@ -125,7 +126,7 @@ def test_the_shared_export_answers_small_corpora_exactly_under_any_filter(saved,
     rows = len(evaluation.histories)
     for _ in range(4):
         filters = [random_filter(rng, evaluation) for _ in range(rows)]
-        for signature in (contract.RETRIEVE_SIGNATURE, contract.XLA_SIGNATURE):
+        for signature in (contract.FILTER_SIGNATURE, contract.XLA_FILTER_SIGNATURE):
             out = call(saved.signatures[signature], histories(evaluation), filters)
             check_answers(out, evaluation, scores, filters, exact=True)
             assert set(out["plan"]) == {PLANS.index("exact")}
@@ -138,7 +139,7 @@ def test_the_filtered_walk_never_returns_a_disallowed_item_and_fills_k(walking, 
     for _ in range(6):
         filters = [random_filter(rng, evaluation) for _ in range(rows)]
         for mode in ("beam_history", "beam", "hnsw"):
-            out = call(walking.retrieve, histories(evaluation), filters, mode)
+            out = call(walking.retrieve_filtered, histories(evaluation), filters, mode)
             coverage.append(check_answers(out, evaluation, scores, filters, exact=False))
             plans |= {PLANS[p] for p in out["plan"]}
     # Walks on a 1,267-item graph at ef 40: the bound leaves room for a near-tie at the edge.
@@ -149,7 +150,7 @@ def test_the_filtered_walk_never_returns_a_disallowed_item_and_fills_k(walking, 
 def test_exhaustive_under_a_filter_is_the_exact_answer(walking, evaluation, scores):
     rng = np.random.default_rng(2)
     filters = [random_filter(rng, evaluation) for _ in range(len(evaluation.histories))]
-    out = call(walking.retrieve, histories(evaluation), filters, "exhaustive")
+    out = call(walking.retrieve_filtered, histories(evaluation), filters, "exhaustive")
     check_answers(out, evaluation, scores, filters, exact=True)
     assert set(out["plan"]) == {PLANS.index("exact")}
 
@@ -162,7 +163,7 @@ def test_the_filtered_walk_is_the_replay_with_the_same_filter(walking, workdir, 
     graph = load_graph(workdir / "index")
     best = np.argsort(-scores, axis=1)[:, :3]
     filters = [RowFilter(exclude_items=tuple(evaluation.dataset.item_ids[b].tolist())) for b in best]
-    out = call(walking.retrieve, histories(evaluation), filters, "beam")
+    out = call(walking.retrieve_filtered, histories(evaluation), filters, "beam")
     for row, f in enumerate(filters):
         top, scored = replay_user(
             graph, scores[row], list(EF), list(STEPS), 1, K, allowed=allowed_mask(evaluation, row, f)
@@ -172,10 +173,17 @@ def test_the_filtered_walk_is_the_replay_with_the_same_filter(walking, workdir, 
         assert scored == out["scored"][row]
 
 
-def test_no_filter_leaves_the_answer_as_it_was(saved, evaluation):
-    """NO_FILTER rows run the unfiltered walk: the answer of serving_default's query."""
+def test_an_empty_filter_walks_as_the_unfiltered_signature(walking, evaluation):
+    """NO_FILTER rows beside filtered ones: the same walk as the unfiltered signature (every item
+    allowed ranks as before), and an answer at least as good: the best k of all it scored."""
     rows = len(evaluation.histories)
-    out = call(saved.signatures[contract.RETRIEVE_SIGNATURE], histories(evaluation), [NO_FILTER] * rows)
-    default = saved.signatures[contract.DEFAULT_SIGNATURE](history=tf.constant(histories(evaluation)))
-    np.testing.assert_array_equal(out["item_ids"], default["item_ids"].numpy())
-    assert (out["plan"] == PLANS.index("walk")).all() and (out["removed"] == 0).all()
+    # One excluded item: the batch's layer-0 ef does not grow (40 * (1266 / 1267) ** -0.6 rounds to 40).
+    filters = [NO_FILTER] * (rows - 1) + [RowFilter(exclude_items=(int(evaluation.dataset.item_ids[0]),))]
+    out = call(walking.retrieve_filtered, histories(evaluation), filters)
+    plain = call(walking.retrieve, histories(evaluation), None)
+    np.testing.assert_array_equal(out["scored"][:-1], plain["scored"][:-1])
+    assert (out["scores"][:-1] >= plain["scores"][:-1] - 1e-6).all()
+    assert (out["removed"][:-1] == 0).all() and set(out["plan"]) <= {
+        PLANS.index("walk"),
+        PLANS.index("walk+widen"),
+    }

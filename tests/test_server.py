@@ -78,15 +78,12 @@ def model_answer(saved_model, history, k=10, ef=(20, 40), steps=(0, 5), mode="be
     """The export's own answer at its default query, from the signature the server runs."""
     import tensorflow as tf
 
-    from nann_common.contract import NO_FILTER, filter_inputs
-
     out = saved_model.signatures["retrieve_xla"](
         history=tf.constant([history], tf.int64),
         k=tf.constant([k]),
         ef=tf.constant([list(ef)]),
         steps=tf.constant([list(steps)]),
         mode=tf.constant([mode]),
-        **{name: tf.constant(value) for name, value in filter_inputs([NO_FILTER]).items()},
     )
     return out["item_ids"].numpy()[0], out["scores"].numpy()[0], int(out["scored"].numpy()[0])
 

@@ -251,15 +251,12 @@ def test_tfserving_backend_answers_as_the_in_process_one(start_server, served_wo
             mine, local_trailer = call(local.target, user_id=user, k=20, filter=row_filter)
             assert len(remote) == 20 and [c.item_id for c in remote] == [c.item_id for c in mine]
             assert trailer["nann-plan"] == local_trailer["nann-plan"]
-        last = double.requests[-1]
-        assert last.model_spec.name == "nann" and last.model_spec.signature_name == "retrieve"
-        assert last.model_spec.version.value == 1  # pinned to the version whose contract is loaded
-        assert set(last.inputs) == {
-            "history",
-            "k",
-            "ef",
-            "steps",
-            "mode",
+        plain, last = double.requests[-2:]
+        assert plain.model_spec.name == "nann" and plain.model_spec.signature_name == "retrieve"
+        assert plain.model_spec.version.value == 1  # pinned to the version whose contract is loaded
+        assert set(plain.inputs) == {"history", "k", "ef", "steps", "mode"}
+        assert last.model_spec.signature_name == "retrieve_filtered"
+        assert set(last.inputs) == {"history", "k", "ef", "steps", "mode"} | {
             "exclude_items",
             "exclude_history",
             "allow_categories",
