@@ -279,15 +279,18 @@ def test_warmup_records_are_predict_requests_tf_serving_can_replay(served_workdi
 
     path = served_workdir / "export" / "1" / "assets.extra" / "tf_serving_warmup_requests"
     model = tf.saved_model.load(str(path.parents[1]))
-    sizes = []
+    sizes, names = [], []
     for raw in tf.data.TFRecordDataset(str(path)):
         log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
         request = log.predict_log.request
-        assert request.model_spec.signature_name == "retrieve"
+        name = request.model_spec.signature_name
+        assert name in ("retrieve", "retrieve_filtered")
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
-        out = model.signatures["retrieve"](**inputs)
+        out = model.signatures[name](**inputs)
         sizes.append(int(out["item_ids"].shape[0]))
+        names.append(name)
     assert 1 <= len(sizes) <= 1000 and set(sizes) == {1, 4, 16, 32}
+    assert names.count("retrieve_filtered") == 3  # each filter kind once, so its first call is warm
 
 
 @pytest.mark.e2e
