@@ -71,6 +71,7 @@ class Server:
         self.health = health.HealthServicer()
         self.backend = None
         self.store = None
+        self.blocklist = None
         self.port = 0
         self.metrics_port = 0
         self._metrics_server = None
@@ -95,6 +96,7 @@ class Server:
 
         from server.backends import open_backend
         from server.features import open_store
+        from server.items import open_blocklist
 
         c = self.config
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -141,9 +143,15 @@ class Server:
         )
         started = time.monotonic()
         self.store = open_store(c.features_spec, c.redis_timeout_s, c.redis_pool)
+        self.blocklist = open_blocklist(c.blocklist, c.max_blocklist, self.metrics, c.redis_timeout_s)
         self.backend = open_backend(c, self.metrics)
         self.backend.start()
-        service.target = RetrieverService(c, self.backend, self.store, self.metrics)
+        if c.blocklist and not self.backend.slot().contract.has_filters:
+            raise NannError(
+                f"--blocklist needs a model exported with filters; model version "
+                f"{self.backend.slot().version} predates them: re-export it (python -m model_export export)"
+            )
+        service.target = RetrieverService(c, self.backend, self.store, self.metrics, self.blocklist)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             json.dumps(
@@ -165,6 +173,8 @@ class Server:
             self.backend.close()
         if self.store is not None:
             self.store.close()
+        if self.blocklist is not None:
+            self.blocklist.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         logger.info(json.dumps({"event": "stopped"}))

@@ -35,6 +35,8 @@ class Config:
     allow_exhaustive: bool = False
     max_exclude: int = 10_000
     exclude_history: bool = False
+    blocklist: str = ""
+    max_blocklist: int = 10_000
     batch_window_ms: float = 0.0
     max_batch: int = 1
     reload_interval_s: float = 2.0
@@ -83,6 +85,16 @@ _FLAGS: dict[str, tuple[type, str]] = {
         bool,
         "never return the behaviours a call used, whether or not the caller asks (off: repeat "
         "purchases and re-watches are real recommendations)",
+    ),
+    "blocklist": (
+        str,
+        "items no call returns, changed live (python -m server.items): a file of item ids (re-read "
+        "when it changes) or redis://HOST:PORT/DB (the set nann:blocked); empty = none",
+    ),
+    "max_blocklist": (
+        int,
+        "most blocked items; a longer list is refused and the previous one stays in force (every "
+        "call carries the list: items gone for good belong in a new model version)",
     ),
     "batch_window_ms": (
         float,
@@ -147,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs["type"] = _parse_bool if kind is bool else kind
         if kind is bool:
             kwargs["metavar"] = "true|false"
-        if name not in ("model", "features"):
+        if name not in ("model", "features", "blocklist"):
             kwargs["help"] += f" (default: {defaults[name]})"
         parser.add_argument(flag, **kwargs)
     return parser
@@ -192,6 +204,7 @@ def _check(c: Config) -> None:
         "max_history",
         "max_user_id_bytes",
         "max_exclude",
+        "max_blocklist",
         "max_batch",
         "max_message_bytes",
         "redis_pool",

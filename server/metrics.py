@@ -124,6 +124,15 @@ class Metrics:
         self.feature_errors = Counter(
             "nann_feature_store_errors_total", "Feature store reads that failed.", ("store",), registry=r
         )
+        self.blocklist_items = Gauge(
+            "nann_blocklist_items", "Items on the blocklist in force (--blocklist).", registry=r
+        )
+        self.blocklist_errors = Counter(
+            "nann_blocklist_errors_total",
+            "Blocklist reads refused (malformed, over_cap, unreachable); the previous list stays in force.",
+            ("reason",),
+            registry=r,
+        )
         self.backend_errors = Counter(
             "nann_backend_errors_total", "Model backend calls that failed.", ("backend",), registry=r
         )

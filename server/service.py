@@ -30,6 +30,7 @@ from server.errors import (
     status_of,
 )
 from server.features import FeatureStore
+from server.items import Blocklist
 from server.metrics import Metrics
 
 logger = logging.getLogger("server.access")
@@ -46,8 +47,17 @@ MD_FILTER_UNKNOWN = "nann-filter-unknown-ids"
 
 
 class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
-    def __init__(self, config: Config, backend: Backend, store: FeatureStore, metrics: Metrics):
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        store: FeatureStore,
+        metrics: Metrics,
+        blocklist: Blocklist | None = None,
+    ):
         self.config, self.backend, self.store, self.metrics = config, backend, store, metrics
+        self.blocklist = blocklist or Blocklist()
+        self._blocked_cache: tuple = (None, ())  # (blocklist state, model version), its known ids
         self.batcher = (
             MicroBatcher(config.batch_window_ms / 1000.0, config.max_batch, metrics)
             if config.max_batch > 1
@@ -125,7 +135,8 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
         f = request.filter
         given = request.HasField("filter")
         exclude_history = c.exclude_history or (given and f.exclude_history)
-        if not given and not exclude_history:
+        blocked = self._blocked_items(slot)
+        if not given and not exclude_history and not blocked:
             return NO_FILTER, 0
         if given:
             if len(f.exclude_item_ids) > c.max_exclude:
@@ -155,6 +166,8 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
             found = slot.item_ids[pos] == ids
             unknown += int((~found).sum())
             excluded = tuple(ids[found].tolist())
+        if blocked:
+            excluded = tuple(np.union1d(excluded, blocked).tolist()) if excluded else blocked
 
         def dense(ints, labels) -> tuple[int, ...]:
             nonlocal unknown
@@ -172,6 +185,19 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
         if given and (len(f.categories) or len(f.category_labels)) and not allow:
             return None, unknown  # an allow-list of categories this model does not have: nothing
         return RowFilter(excluded, bool(exclude_history), allow, deny), unknown
+
+    def _blocked_items(self, slot: ModelSlot) -> tuple[int, ...]:
+        """The blocklist's items that this model version holds (original ids, sorted), cached
+        per blocklist state and version."""
+        state = self.blocklist.current()
+        key = (state.version, slot.version)
+        cached_key, cached = self._blocked_cache
+        if key != cached_key:
+            ids = state.ids
+            pos = np.minimum(np.searchsorted(slot.item_ids, ids), max(len(slot.item_ids) - 1, 0))
+            cached = tuple((ids[slot.item_ids[pos] == ids] if len(ids) else ids).tolist())
+            self._blocked_cache = (key, cached)
+        return cached
 
     @staticmethod
     def _check_alive(context) -> None:

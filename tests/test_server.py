@@ -27,9 +27,23 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 @pytest.fixture(scope="module")
-def server(served_workdir, tmp_path_factory):
+def blocklist(tmp_path_factory):
+    """The module server's --blocklist file (absent at the start: nothing blocked)."""
+    return tmp_path_factory.mktemp("blocklist") / "blocked.txt"
+
+
+@pytest.fixture(scope="module")
+def server(served_workdir, tmp_path_factory, blocklist):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(log, "--model", str(served_workdir / "export"), "--chunk-size", "4")
+    proc = ServerProcess(
+        log,
+        "--model",
+        str(served_workdir / "export"),
+        "--chunk-size",
+        "4",
+        "--blocklist",
+        str(blocklist),
+    )
     proc.wait_serving()
     yield proc
     assert proc.stop() == 0, proc.log()
@@ -258,6 +272,35 @@ def test_a_filtered_call_returns_only_allowed_items_and_says_which_plan_ran(
     assert got == [] and trailer["nann-filter-unknown-ids"] == "1"
     # Unfiltered calls carry no plan.
     assert "nann-plan" not in call(stub, user_id=user)[1]
+    assert server.health() == "SERVING"
+
+
+def test_blocked_items_leave_the_next_answer_and_come_back_when_unblocked(stub, snapshot, server, blocklist):
+    from server import items
+
+    user = str(snapshot["users"][9])
+    plain, _, _ = call(stub, user_id=user)
+    top3 = [c.item_id for c in plain[:3]]
+    try:
+        assert items.main(["block", "--file", str(blocklist), *map(str, top3), "987654321"]) == 0
+        got, trailer, _ = call(stub, user_id=user)
+        ids = [c.item_id for c in got]
+        assert len(ids) == 10 and not set(ids) & set(top3)  # k still filled
+        assert ids[:7] == [c.item_id for c in plain[3:]]  # the rest of the answer moves up
+        assert trailer["nann-plan"] in ("walk", "walk+widen") and int(trailer["nann-filter-removed"]) >= 3
+        # Merged with the caller's own exclusions.
+        got, _, _ = call(stub, user_id=user, filter={"exclude_item_ids": [plain[3].item_id]})
+        assert not {c.item_id for c in got} & {*top3, plain[3].item_id}
+        # A malformed edit is refused: the list in force stays.
+        blocklist.write_text("12\nnot-an-id\n")
+        assert not {c.item_id for c in call(stub, user_id=user)[0]} & set(top3)
+        samples = _settled_samples(server)
+        assert _sum(samples, "nann_blocklist_items") == 4  # listed; the one the model lacks is ignored
+        assert _sum(samples, "nann_blocklist_errors_total", reason="malformed") == 1
+    finally:
+        blocklist.unlink(missing_ok=True)
+    again, trailer, _ = call(stub, user_id=user)
+    assert [c.item_id for c in again] == [c.item_id for c in plain] and "nann-plan" not in trailer
     assert server.health() == "SERVING"
 
 
