@@ -444,9 +444,10 @@ class RetrievalModule(tf.Module):
         ef_list = [ef[i] for i in range(self.start_layer + 1)]
         steps_list = [steps[i] for i in range(self.start_layer + 1)]
 
-        def walks(ef_list, steps_list, flt=None, entries=None):
-            """Per mode, its search -> (ids, scores, scored); with a filter, the walks' filtered
-            forms -> (ids, scores, scored, removed)."""
+        def walks(ef_list, steps_list, flt=None, entries=None, k_out=None):
+            """Per mode, its search -> (ids, scores, scored), the best ``k_out`` (default k);
+            with a filter, the walks' filtered forms -> (ids, scores, scored, removed)."""
+            k_out = k if k_out is None else k_out
 
             def walk(start, **options):
                 # A walk that starts lower takes the lower layers' entries.
@@ -455,7 +456,7 @@ class RetrievalModule(tf.Module):
                     score_fn,
                     self.item_e,
                     batch,
-                    k,
+                    k_out,
                     ef_list[-start - 1 :],
                     steps_list[-start - 1 :],
                     start,
@@ -479,7 +480,7 @@ class RetrievalModule(tf.Module):
 
             def hnsw():
                 if flt is None:
-                    return search.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k, ef_list[-1])
+                    return search.hnsw_retrieval(self.graph, score_fn, self.item_e, batch, k_out, ef_list[-1])
                 # HNSW's walk knows no filter: its whole layer-0 result set, filtered.
                 ids, scores, scored = search.hnsw_retrieval(
                     self.graph, score_fn, self.item_e, batch, ef_list[-1], ef_list[-1]
@@ -492,7 +493,7 @@ class RetrievalModule(tf.Module):
                 "beam_history": beam_history,
                 "beam_sets": beam("sets"),
                 "hnsw": hnsw,
-                "exhaustive": lambda: search.exhaustive_retrieval(score_fn, self.item_e, batch, k),
+                "exhaustive": lambda: search.exhaustive_retrieval(score_fn, self.item_e, batch, k_out),
             }
 
         match = tf.equal(mode, list(MODES))
@@ -587,7 +588,9 @@ class RetrievalModule(tf.Module):
         """The planner: (ids, scores, scored, plan, removed) of a filtered request.
 
         exact: every row allows at most ``exact_below`` items: they are scored, all of them.
-        walk: the filtered walk of the request's mode. walk+widen: rows whose walk found fewer
+        walk: the filtered walk of the request's mode; when no row constrains categories (item
+        exclusions alone: the blocklist, the history), the unfiltered walk with its layer-0 beam
+        filtered, which costs what an unfiltered call costs. walk+widen: rows whose walk found fewer
         than min(k, allowed) items walk again with layer 0's ef x WIDEN_EF and T x WIDEN_STEPS,
         and rows still short get the exact answer over their allowed items.
         """
@@ -629,16 +632,26 @@ class RetrievalModule(tf.Module):
                 widened | (short & wide),
             )
 
-        empty = tf.fill([batch, k], -1)
-        start = [
-            tf.constant(0),
-            empty,
-            tf.fill([batch, k], tf.constant(-np.inf, self.item_e.dtype)),
-            tf.zeros([batch], tf.int32),
-            tf.zeros([batch], tf.int32),
-            tf.fill([batch], True),
-            tf.fill([batch], False),
-        ]
+        # Exclusions alone (no row names categories): the unfiltered walk, its whole layer-0 beam
+        # kept, then filtered. The beam is the best ef of all the walk scored, so while it holds k
+        # allowed items they are the filtered walk's answer over the same items scored; excluded
+        # items cost beam slots only. Rows left short widen, as below.
+        post_filter = tf.reduce_all(flt.category_ok) & ~use_exact
+
+        def beam_then_filter():
+            branches = walks(ef_list, steps_list, k_out=ef_list[-1])
+            b_ids, b_scores, b_scored = tf.switch_case(walk_index, [branches[m] for m in walk_modes])
+            f_ids, f_scores, f_removed = search.Found.start(b_ids, b_scores, flt.allows(b_ids), k)
+            f_short = tf.reduce_sum(tf.cast(f_ids >= 0, tf.int32), axis=1) < want
+            return tf.constant(1), f_ids, f_scores, b_scored, f_removed, f_short
+
+        def nothing_yet():
+            empty = tf.fill([batch, k], -1)
+            none = tf.fill([batch, k], tf.constant(-np.inf, self.item_e.dtype))
+            zeros = tf.zeros([batch], tf.int32)
+            return tf.constant(0), empty, none, zeros, zeros, tf.fill([batch], True)
+
+        start = [*tf.cond(post_filter, beam_then_filter, nothing_yet), tf.fill([batch], False)]
         _, ids, scores, scored, removed, short, widened = tf.while_loop(
             lambda t, ids, scores, scored, removed, short, widened: (
                 (t < 2) & ~use_exact & tf.reduce_any(short)

@@ -156,34 +156,61 @@ def test_exhaustive_under_a_filter_is_the_exact_answer(walking, evaluation, scor
 
 
 def test_the_filtered_walk_is_the_replay_with_the_same_filter(walking, workdir, evaluation, scores):
-    """Mode beam, each user's three best items excluded: the TF walk and the numpy replay take the
-    same steps. (Few enough that layer 0's ef does not grow with the filter's selectivity.)"""
+    """Mode beam, one category denied to every user: the TF walk and the numpy replay take the
+    same steps, with layer 0's ef grown by the filter's selectivity as the planner grows it."""
+    from model_export.export import SELECTIVE_EF, SELECTIVE_POWER
     from nann_common.graph import load_graph
 
     graph = load_graph(workdir / "index")
-    best = np.argsort(-scores, axis=1)[:, :3]
-    filters = [RowFilter(exclude_items=tuple(evaluation.dataset.item_ids[b].tolist())) for b in best]
+    ds = evaluation.dataset
+    smallest = int(np.argmin(np.bincount(ds.item_category)))
+    filters = [RowFilter(exclude_categories=(smallest,))] * len(evaluation.histories)
     out = call(walking.retrieve_filtered, histories(evaluation), filters, "beam")
+    share = np.float32((ds.item_category != smallest).sum()) / np.float32(ds.num_items)
+    ef0 = int(np.round(EF[-1] * np.clip(share ** np.float32(-SELECTIVE_POWER), 1.0, SELECTIVE_EF)))
+    assert set(out["plan"]) == {PLANS.index("walk")}
     for row, f in enumerate(filters):
-        top, scored = replay_user(
-            graph, scores[row], list(EF), list(STEPS), 1, K, allowed=allowed_mask(evaluation, row, f)
-        )
-        got = np.searchsorted(evaluation.dataset.item_ids, out["item_ids"][row])
+        allowed = allowed_mask(evaluation, row, f)
+        top, scored = replay_user(graph, scores[row], [EF[0], ef0], list(STEPS), 1, K, allowed=allowed)
+        got = np.searchsorted(ds.item_ids, out["item_ids"][row])
         assert set(top) == set(got), row
         assert scored == out["scored"][row]
 
 
-def test_an_empty_filter_walks_as_the_unfiltered_signature(walking, evaluation):
-    """NO_FILTER rows beside filtered ones: the same walk as the unfiltered signature (every item
-    allowed ranks as before), and an answer at least as good: the best k of all it scored."""
-    rows = len(evaluation.histories)
-    # One excluded item: the batch's layer-0 ef does not grow (40 * (1266 / 1267) ** -0.6 rounds to 40).
-    filters = [NO_FILTER] * (rows - 1) + [RowFilter(exclude_items=(int(evaluation.dataset.item_ids[0]),))]
-    out = call(walking.retrieve_filtered, histories(evaluation), filters)
-    plain = call(walking.retrieve, histories(evaluation), None)
-    np.testing.assert_array_equal(out["scored"][:-1], plain["scored"][:-1])
-    assert (out["scores"][:-1] >= plain["scores"][:-1] - 1e-6).all()
-    assert (out["removed"][:-1] == 0).all() and set(out["plan"]) <= {
-        PLANS.index("walk"),
-        PLANS.index("walk+widen"),
-    }
+def test_exclusions_alone_filter_the_unfiltered_walks_beam(walking, workdir, evaluation, scores):
+    """Item exclusions alone (the blocklist, the history): the unfiltered walk runs, scoring
+    exactly what it scores unfiltered, and the answer is the best k allowed items of its layer-0
+    beam, as the replay's beam filtered."""
+    from nann_common.graph import load_graph
+
+    graph = load_graph(workdir / "index")
+    ds = evaluation.dataset
+    best = np.argsort(-scores, axis=1)[:, :3]
+    filters = [RowFilter(exclude_items=tuple(ds.item_ids[b].tolist())) for b in best]
+    filters[0] = RowFilter(exclude_history=True)
+    filters[1] = NO_FILTER
+    out = call(walking.retrieve_filtered, histories(evaluation), filters, "beam")
+    plain = call(walking.retrieve, histories(evaluation), None, "beam")
+    np.testing.assert_array_equal(out["scored"], plain["scored"])
+    np.testing.assert_array_equal(out["item_ids"][1], plain["item_ids"][1])
+    assert set(out["plan"]) == {PLANS.index("walk")}
+    for row, f in enumerate(filters):
+        allowed = allowed_mask(evaluation, row, f)
+        beam, scored = replay_user(graph, scores[row], list(EF), list(STEPS), 1, EF[-1])
+        top = beam[allowed[beam]][:K]
+        got = np.searchsorted(ds.item_ids, out["item_ids"][row])
+        assert set(top) == set(got), row
+        assert scored == out["scored"][row]
+        assert out["removed"][row] == (~allowed[beam]).sum()
+
+
+def test_exclusions_that_empty_the_beam_widen_and_still_fill_k(walking, evaluation, scores):
+    """Each user's 35 best items excluded: the unfiltered beam (ef 40) holds too few allowed
+    items, the row widens, and the answer is still k allowed items."""
+    ds = evaluation.dataset
+    best = np.argsort(-scores, axis=1)[:, :35]
+    filters = [RowFilter(exclude_items=tuple(ds.item_ids[b].tolist())) for b in best]
+    out = call(walking.retrieve_filtered, histories(evaluation), filters, "beam_history")
+    coverage = check_answers(out, evaluation, scores, filters, exact=False)
+    assert PLANS.index("walk+widen") in set(out["plan"])
+    assert coverage.mean() >= 0.9
