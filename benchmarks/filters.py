@@ -8,9 +8,15 @@ a. ``model_export.filter_eval``'s study on ``--users`` test users at batch 1: th
    exact top k under the same filter, items scored, p50 / p99, the plan chosen, k not filled;
 b. with ``--before DIR`` (a SavedModel version written before filters existed): the unfiltered
    default query of both exports on the same users, alternating call by call in one process
-   (p50 at batch 1 and coverage@k): what filters cost a caller who sends none.
+   (p50 at batch 1 and coverage@k): what filters cost a caller who sends none;
+c. what a blocklist costs every call (the server merges it into every call's exclusions): the
+   unfiltered query against the same query with ``--blocklist`` sizes of random items excluded,
+   on this export and, with ``--previous DIR`` (an earlier export with filters), on that one too,
+   alternating call by call: p50, coverage@k against the exact top k without the blocked items,
+   the plan.
 
-    python -m benchmarks.filters --workdir W --name LABEL [--users 100] [--before W/export/1]
+    python -m benchmarks.filters --workdir W --name LABEL [--users 100] [--before W/export/1] \
+        [--previous W/export/2]
 
 Writes ``benchmarks/results/filters_<LABEL>.{json,md}``.
 """
@@ -69,6 +75,67 @@ def before_after(ev, scores, before: Path, after: Path, rounds: int) -> list[dic
     ]
 
 
+def blocklist_cost(
+    ev, scores, exports: list[tuple[str, Path]], sizes, rounds: int, seed: int = 0
+) -> list[dict]:
+    """Per export and blocklist size (0: the unfiltered signature), alternating call by call."""
+    tf = harness.import_tensorflow()
+    from nann_common import contract
+    from nann_common.contract import PLANS, RowFilter
+
+    original = ev.dataset.item_ids
+    histories = np.where(ev.histories >= 0, original[np.maximum(ev.histories, 0)], -1)
+    rng = np.random.default_rng(seed)
+    blocked = {n: np.sort(rng.choice(len(original), n, replace=False)) for n in sizes if n}
+    cases = []
+    for label, path in exports:
+        served = contract.load_contract(path, verify=False)
+        model = tf.saved_model.load(str(path))
+        xla = served.has_xla_signature
+        if xla:
+            model.signatures[contract.XLA_WARMUP_SIGNATURE](history=tf.constant(histories[:1]))
+        for n in sizes:
+            f = [RowFilter(exclude_items=tuple(original[blocked[n]].tolist()))] if n else None
+            fn = model.signatures[served.signature(xla, filtered=bool(n))]
+            cases.append(
+                {"export": label, "version": path.name, "blocked": n, "served": served, "fn": fn, "f": f}
+            )
+    stats = [{"ms": [], "cover": [], "plans": []} for _ in cases]
+    for r in range(rounds):
+        for u in range(ev.num_users):
+            order = list(range(len(cases)))
+            np.random.default_rng([seed, r, u]).shuffle(order)
+            for i in order:
+                c = cases[i]
+                inputs = c["served"].inputs(histories[u : u + 1], c["served"].resolve(), c["f"])
+                started = time.perf_counter()
+                out = c["fn"](**{key: tf.constant(value) for key, value in inputs.items()})
+                ids = out["item_ids"].numpy()[0]
+                stats[i]["ms"].append(1000 * (time.perf_counter() - started))
+                if r == 0:
+                    ok = np.ones(len(original), bool)
+                    if c["blocked"]:
+                        ok[blocked[c["blocked"]]] = False
+                    allowed = np.flatnonzero(ok)
+                    best = allowed[np.argsort(-scores[u][allowed], kind="stable")[: len(ids)]]
+                    got = np.searchsorted(original, ids[ids >= 0])
+                    stats[i]["cover"].append(len(np.intersect1d(got, best)) / len(best))
+                    stats[i]["plans"].append(PLANS[int(out["plan"].numpy()[0])] if c["f"] else "unfiltered")
+    return [
+        {
+            "export": c["export"],
+            "version": c["version"],
+            "blocked": c["blocked"],
+            "p50_ms": float(np.median(st["ms"])),
+            "mean_ms": float(np.mean(st["ms"])),
+            "calls": len(st["ms"]),
+            "plans": {p: st["plans"].count(p) for p in dict.fromkeys(st["plans"])},
+            **harness.coverage_stats(st["cover"]),
+        }
+        for c, st in zip(cases, stats, strict=True)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = harness.parser(__doc__, __file__)
     parser.add_argument("--workdir", required=True, type=Path)
@@ -84,27 +151,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="before/after: passes over the users (default 3)"
     )
+    parser.add_argument(
+        "--blocklist",
+        type=lambda t: tuple(int(x) for x in t.split(",")),
+        default=(100, 1000, 10000),
+        help="blocklist sizes whose cost per call is measured (default 100,1000,10000; empty: skip)",
+    )
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        help="an earlier export version dir with filters, for the blocklist part",
+    )
+    parser.add_argument("--skip-study", action="store_true", help="only parts b and c")
     args = parser.parse_args(argv)
 
     harness.import_tensorflow()
+    from benchmarks.walk_replay import cached_scores
     from model_export import filter_eval
     from model_export.evaluate import Evaluation
-    from walk.replay import exact_scores
 
     peak = harness.matmul_peak_gflops()
     ev = Evaluation(args.workdir, "test", args.users, 0)
-    scores = exact_scores(ev, progress=False)
-    study = filter_eval.filter_study(
-        args.workdir, args.selectivity, users=args.users, evaluation=ev, scores=scores, progress=True
-    )
-    result = {**harness.result_header(__file__, argv, peak), "name": args.name, "study": study}
-    lines = [
-        f"## Filters, {args.name}",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        filter_eval.markdown(study),
-    ]
+    scores = cached_scores(args.workdir, args.users)  # the exact scores, cached in W/eval/scores/
+    result = {**harness.result_header(__file__, argv, peak), "name": args.name}
+    lines = [f"## Filters, {args.name}", "", f"Command: `{result['command']}`", ""]
+    if not args.skip_study:
+        study = filter_eval.filter_study(
+            args.workdir, args.selectivity, users=args.users, evaluation=ev, scores=scores, progress=True
+        )
+        result["study"] = study
+        lines.append(filter_eval.markdown(study))
     if args.before is not None:
         rows = before_after(ev, scores, args.before, ev.export_path, args.rounds)
         result["before_after"] = rows
@@ -123,6 +200,26 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("")
         for r in rows:
             print(r, flush=True)
+    if args.blocklist:
+        exports = [("this", ev.export_path)] + ([("previous", args.previous)] if args.previous else [])
+        rows = blocklist_cost(ev, scores, exports, (0, *args.blocklist), args.rounds)
+        result["blocklist"] = rows
+        lines += [
+            "A blocklist merged into every call (random items), against the unfiltered query, all cases "
+            "alternating call by call on the same users (coverage@k against the exact top k without the "
+            "blocked items):",
+            "",
+            "| export | version | blocked items | p50 ms | mean ms | calls | coverage@k (± SE) | plans |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            plans = ", ".join(f"{p} {n}" for p, n in r["plans"].items())
+            cover = f"{r['coverage']:.4f} ± {r['coverage_sem']:.4f}"
+            lines.append(
+                f"| {r['export']} | {r['version']} | {r['blocked']:,} | {r['p50_ms']:.2f} | "
+                f"{r['mean_ms']:.2f} | {r['calls']} | {cover} | {plans} |"
+            )
+        lines.append("")
     stem = harness.RESULTS / f"filters_{args.name}"
     harness.write_result(stem.with_suffix(".json"), result)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
