@@ -130,6 +130,9 @@ make_redis_standin() {
     cat >"$root/usr/local/bin/redis-server" <<'EOF'
 #!/bin/sh
 # Stand-in for the redis:7.2 image: Debian's redis-server with the upstream image's defaults.
+case "${1:-}" in
+    -v | --version | -h | --help | --test-memory | --check-system) exec /usr/bin/redis-server "$@" ;;
+esac
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
     conf="$1"
     shift
@@ -167,7 +170,10 @@ make_prometheus_standin() {
     # (the volume mounted there is initialised from it), the upstream default arguments as CMD.
     [ -x "$root/usr/bin/prometheus" ] || fail "the prometheus package has no /usr/bin/prometheus"
     [ -e "$root/bin/prometheus" ] || ln -s /usr/bin/prometheus "$root/bin/prometheus"
-    mkdir -p "$root/prometheus"
+    # Upstream keeps the console templates in /usr/share/prometheus (Debian: /etc/prometheus, which
+    # the compose file mounts over): copied there so the upstream default arguments hold.
+    mkdir -p "$root/prometheus" "$root/usr/share/prometheus"
+    cp -a "$root/etc/prometheus/console_libraries" "$root/etc/prometheus/consoles" "$root/usr/share/prometheus/"
     chown 65534:65534 "$root/prometheus"
     tar -C "$root" -c . | docker import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -176,7 +182,7 @@ make_prometheus_standin() {
         --change 'VOLUME /prometheus' \
         --change 'EXPOSE 9090' \
         --change 'ENTRYPOINT ["/bin/prometheus"]' \
-        --change 'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' \
+        --change 'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus", "--web.console.libraries=/usr/share/prometheus/console_libraries", "--web.console.templates=/usr/share/prometheus/consoles"]' \
         - "$PROM_IMAGE" >/dev/null
     rm -rf "$root"
 }
@@ -202,8 +208,8 @@ done
 note ""
 note "## upstream images"
 printf '%s' "$standin_note" >>"$OUT"
-redis_version="$(docker run --rm --entrypoint redis-server "$REDIS_IMAGE" --version | grep -o 'v=[0-9.]*' || true)"
-prom_version="$(docker run --rm "$PROM_IMAGE" --version 2>&1 | head -1 || true)"
+redis_version="$(docker run --rm "$REDIS_IMAGE" redis-server --version 2>/dev/null | grep -o 'v=[0-9.]*' || true)"
+prom_version="$(docker run --rm "$PROM_IMAGE" --version 2>&1 | grep -m1 '^prometheus, version' || true)"
 note "redis-server in $REDIS_IMAGE: ${redis_version:-?}; prometheus in $PROM_IMAGE: ${prom_version:-?}"
 note "not run (no image can be had here, no stand-in): grafana, tfserving (profile tfserving)"
 
