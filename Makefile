@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := runs/demo
 
-.PHONY: setup demo test test-fast lint clean-demo image image-check stack
+.PHONY: setup demo test test-fast lint clean-demo image image-check stack stack-check
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,12 @@ image-check: setup
 # The monitoring stack without containers on the demo model: Redis store, a real Prometheus, locust.
 stack: setup
 	$(BIN)/python -m loadtest.stack --workdir $(DEMO)/work --out runs/stack
+
+# docker-compose up as a repeatable check (slow, not in the tests): images, stand-ins for redis and
+# prometheus where they cannot be pulled, the compose stack, the Redis path, Prometheus, locust and a
+# hot reload under load; down -v at the end. Results: benchmarks/results/stack_check.txt
+stack-check: setup
+	scripts/stack_check.sh
 
 clean-demo:
 	rm -rf $(DEMO)

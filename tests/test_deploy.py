@@ -575,3 +575,18 @@ def test_dockerfile_runtime_stage():
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") :][:1] == ["*"]  # allow-list: runs/, .venv and .git stay out
     assert not any(line.startswith(("!runs", "!.venv", "!.git", "!benchmarks")) for line in ignore)
+
+
+def test_dockerignore_lets_in_every_copied_path():
+    # The allow-list must name every path a COPY takes from the build context: a missing entry
+    # fails only at `docker build` (the trainer image once lacked walk/).
+    import fnmatch
+
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    text = (ROOT / "Dockerfile").read_text()
+    copied = [s for group in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M) for s in group.split()]
+    assert "walk/" in copied
+    for source in copied:
+        source = re.sub(r"\[(.)\]", r"\1", source).rstrip("/")  # the optional CA bundle's glob
+        assert any(fnmatch.fnmatch(source, a) for a in allowed), f"{source}: COPYed, not let in"
