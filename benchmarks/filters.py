@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         result["study"] = study
         lines.append(filter_eval.markdown(study))
     if args.before is not None:
-        rows = before_after(ev, scores, args.before, ev.export_path, args.rounds)
+        from model_export.export import latest_export
+
+        rows = before_after(ev, scores, args.before, latest_export(args.workdir), args.rounds)
         result["before_after"] = rows
         lines += [
             "Unfiltered default query, the export from before filters against this one, alternating call by "
@@ -201,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(r, flush=True)
     if args.blocklist:
-        exports = [("this", ev.export_path)] + ([("previous", args.previous)] if args.previous else [])
+        from model_export.export import latest_export
+
+        exports = [("this", latest_export(args.workdir))]
+        exports += [("previous", args.previous)] if args.previous else []
         rows = blocklist_cost(ev, scores, exports, (0, *args.blocklist), args.rounds)
         result["blocklist"] = rows
         lines += [
