@@ -90,6 +90,7 @@ class Blocklist:
         self.cap = cap
         self.metrics = metrics
         self._state = EMPTY
+        self._generation = 0
         self._lock = threading.Lock()
         self.error: str | None = None  # why the last read was refused, None after a good one
 
@@ -103,7 +104,8 @@ class Blocklist:
                 "the previous list stays in force. Unblock items, or take long-gone items out of "
                 "the model (a new version) and off the list"
             )
-        self._state = Blocked(ids, version)
+        self._generation += 1  # every accepted read is a new state, whatever its source says
+        self._state = Blocked(ids, f"{version}#{self._generation}")
         self.error = None
         if self.metrics is not None:
             self.metrics.blocklist_items.set(len(ids))
