@@ -182,13 +182,21 @@ def test_unavailable_while_redis_is_down_and_recovers_by_itself(
 
 class PredictionServiceDouble:
     """A PredictionService that answers Predict from the same SavedModel directory, as TF Serving does:
-    model name, signature name and version checked, tensors through TensorProto both ways."""
+    model name, signature name and version checked, tensors through TensorProto both ways, and each
+    version's warm-up records replayed before it answers (TF Serving's --enable_model_warmup, which
+    the compose file and the k8s manifests set): a signature's first call builds its graph."""
 
     def __init__(self, base: Path, name: str):
         import tensorflow as tf
-        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+        from tensorflow_serving.apis import predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
 
         self.models = {int(p.name): tf.saved_model.load(str(p)) for p in base.iterdir() if p.name.isdigit()}
+        for version, model in self.models.items():
+            records = base / str(version) / "assets.extra" / "tf_serving_warmup_requests"
+            for raw in tf.data.TFRecordDataset(str(records)) if records.exists() else ():
+                request = prediction_log_pb2.PredictionLog.FromString(raw.numpy()).predict_log.request
+                inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+                model.signatures[request.model_spec.signature_name](**inputs)
         self.name = name
         self.requests = []
         double = self
