@@ -17,7 +17,7 @@ from nann_common.errors import ArtifactError, InputError
 
 # FGSM on, so that training, checkpoints and resume are covered with the adversarial loss too.
 TINY = TrainConfig(
-    arch="din", epochs=2, batch_size=64, negatives=49, checkpoint_every=40, seed=3, fgsm_eps=3e-4
+    arch="din", epochs=3, batch_size=64, negatives=49, checkpoint_every=40, seed=3, fgsm_eps=3e-4
 )
 
 
@@ -75,7 +75,7 @@ def test_checkpoint_reloads_to_identical_scores(trained, tiny_dataset):
 
 
 def test_resumed_training_matches_uninterrupted_training(trained, tiny_dataset, tmp_path, caplog):
-    """One epoch, stopped, then resumed to TINY's two ends where the `trained` run of two did."""
+    """One epoch, stopped, then resumed to TINY's three ends where the `trained` run of three did."""
     one_epoch = TrainConfig(**{**TINY.__dict__, "epochs": 1})
     straight = trained
     resumed = _workdir_with_dataset(tmp_path / "resumed", tiny_dataset)
