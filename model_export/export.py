@@ -590,7 +590,7 @@ class RetrievalModule(tf.Module):
         exact: every row allows at most ``exact_below`` items: they are scored, all of them.
         walk: the filtered walk of the request's mode; when no row constrains categories (item
         exclusions alone: the blocklist, the history), the unfiltered walk with its layer-0 beam
-        filtered, which costs what an unfiltered call costs. walk+widen: rows whose walk found fewer
+        filtered, which scores what an unfiltered call scores. walk+widen: rows whose walk found fewer
         than min(k, allowed) items walk again with layer 0's ef x WIDEN_EF and T x WIDEN_STEPS,
         and rows still short get the exact answer over their allowed items.
         """

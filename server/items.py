@@ -50,6 +50,10 @@ DEFAULT_CAP = 10_000
 RETRY_AFTER_S = 1.0
 
 
+class OverCap(NannError):
+    """A blocklist longer than its cap."""
+
+
 class Blocked(NamedTuple):
     """One state of the blocklist: original item ids (sorted, unique) and what names this state."""
 
@@ -99,7 +103,7 @@ class Blocklist:
 
     def _accept(self, ids: np.ndarray, version: str) -> None:
         if len(ids) > self.cap:
-            raise NannError(
+            raise OverCap(
                 f"the blocklist holds {len(ids)} items, more than --max-blocklist {self.cap}; "
                 "the previous list stays in force. Unblock items, or take long-gone items out of "
                 "the model (a new version) and off the list"
@@ -155,7 +159,7 @@ class FileBlocklist(Blocklist):
                         ids = parse_ids(f, str(self.path))
                     self._accept(ids, f"file:{stamp[0]}:{stamp[1]}")
             except (NannError, OSError, UnicodeDecodeError) as e:
-                self._refuse("over_cap" if "max-blocklist" in str(e) else "malformed", e)
+                self._refuse("over_cap" if isinstance(e, OverCap) else "malformed", e)
         return self._state
 
 
@@ -195,7 +199,7 @@ class RedisBlocklist(Blocklist):
                         ids = parse_ids(sorted(m.decode() for m in members), f"redis set {SET_KEY}")
                         self._accept(ids, f"redis:{(version or b'0').decode()}")
                     except NannError as e:
-                        self._refuse("over_cap" if "max-blocklist" in str(e) else "malformed", e)
+                        self._refuse("over_cap" if isinstance(e, OverCap) else "malformed", e)
                     self._version = version
         except self._errors as e:
             self._retry_at = now + RETRY_AFTER_S
