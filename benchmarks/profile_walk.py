@@ -6,6 +6,7 @@ TF Serving runs a signature with ``Session.run``; this script does the same with
 neighbour gather, visited marking, dedupe, scoring, top-k, control flow, other. Ops run on two
 inter-op threads, so the op times of a section can add up to more than its wall time; both are
 reported. Medians over ``--queries`` traced queries after ``--warmup`` untraced ones.
+``--allow-share S`` runs the filtered signature under a random category allow-list of that share.
 
     python -m benchmarks.profile_walk --workdir W --batch 1 32 \\
         --out benchmarks/results/profile_walk_1365188.json
@@ -173,6 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         help="scorer FLOP per candidate (din at the default sizes: item matrix 64x128, attention over "
         "50 behaviours, the 128x128 projection, 128-64-32-1)",
     )
+    p.add_argument(
+        "--signature",
+        default=None,
+        help="the signature run (default: retrieve; with --allow-share: retrieve_filtered)",
+    )
+    p.add_argument(
+        "--allow-share",
+        type=float,
+        default=0.0,
+        help="run a filtered signature with a random category allow-list holding this share of the items",
+    )
     p.add_argument("--out", required=True, help="JSON file")
     args = p.parse_args(argv)
     tf = harness.import_tensorflow()
@@ -183,12 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     query = contract.resolve(0, list(args.ef), list(args.steps), args.mode)
     store = EmbeddedStore(work / "features")
     item_ids = contract.item_ids()
-    sess, feeds, fetches = harness.load_session(base / str(version), args.intra_op_threads)
+    signature = args.signature or contract.signature(False, filtered=bool(args.allow_share))
+    sess, feeds, fetches = harness.load_session(
+        base / str(version), args.intra_op_threads, signature=signature
+    )
+    filters = None
+    if args.allow_share:
+        from model_export.data import load_dataset
+        from model_export.filter_eval import category_allow_list
+
+        cats = load_dataset(work / "dataset").item_category
+        allow = category_allow_list(cats, args.allow_share, np.random.default_rng(args.seed))
+        filters = [contract_lib.RowFilter(allow_categories=allow)]
     options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
     results = {}
     for batch in args.batch:
         hist = histories(store, item_ids, contract.max_len, batch, args.seed + batch)
-        feed = {feeds[n]: v for n, v in contract.inputs(hist, query).items()}
+        feed = {feeds[n]: v for n, v in contract.inputs(hist, query, filters and filters * batch).items()}
         for _ in range(args.warmup):
             sess.run(fetches, feed)
         untraced = []
@@ -227,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "items": contract.num_items,
         "start_layer": contract.start_layer,
         "query": {"k": query.k, "ef": list(query.ef), "steps": list(query.steps), "mode": query.mode},
+        "signature": signature,
+        "allow_share": args.allow_share,
         "note": "loop i is the i-th layer walked top-down: loop 0 = layer start_layer - 1, last = layer 0",
         "results": results,
     }

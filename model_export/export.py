@@ -79,14 +79,16 @@ DEFAULT_XLA_SCORE_SPLIT = 2
 # Batch sizes the XLA scorer is compiled for: a batch is padded up to the next of these.
 XLA_BATCHES = tuple(2**i for i in range(11))
 EXPORT_DIR = "export"
-# Filters: layer 0's ef grows as allowed share ** -SELECTIVE_POWER, at most SELECTIVE_EF times; a walk that
+# Filters: layer 0's ef grows as allowed share ** -SELECTIVE_POWER, at most SELECTIVE_EF times, and
+# its T is SELECTIVE_STEPS times the query's; a walk that
 # found fewer than min(k, allowed) items walks again with layer 0's ef and T times WIDEN_*; the
 # exact answer over a row's allowed items is gathered by category up to EXACT_GATHER_LIMIT items
 # per row (a scan of the corpus beyond).
 WIDEN_EF = 4
 WIDEN_STEPS = 2
-SELECTIVE_POWER = 0.6
+SELECTIVE_POWER = 0.8
 SELECTIVE_EF = 8.0
+SELECTIVE_STEPS = 2
 # A filtered walk also starts from one item of each category an allow-list names (the item nearest
 # the category's mean e_v), when it names at most this many.
 ENTRY_CATEGORIES = 512
@@ -599,7 +601,9 @@ class RetrievalModule(tf.Module):
         exhaustive = tf.equal(index, MODES.index("exhaustive"))
         # A selective filter leaves fewer allowed items in each neighbourhood: layer 0's beam grows
         # as (the share of items the most selective row allows) ** -SELECTIVE_POWER, at most
-        # SELECTIVE_EF times; a walk that grown costs about that many times more.
+        # SELECTIVE_EF times, and walks SELECTIVE_STEPS times the rounds (a walk stops when no new
+        # item enters its beam, so the rounds cost only where they find something); a walk that
+        # grown costs about that many times more.
         share = tf.cast(tf.reduce_min(allowed), tf.float32) / self.num_items
         grow = tf.clip_by_value(tf.maximum(share, 1e-12) ** -SELECTIVE_POWER, 1.0, SELECTIVE_EF)
         base_ef0 = tf.cast(tf.math.round(tf.cast(ef_list[-1], tf.float32) * grow), tf.int32)
@@ -617,7 +621,8 @@ class RetrievalModule(tf.Module):
             # One trace serves both attempts: the second widens layer 0.
             wide = t > 0
             ef0 = tf.where(wide, base_ef0 * WIDEN_EF, base_ef0)
-            t0 = tf.where(wide, steps_list[-1] * WIDEN_STEPS, steps_list[-1])
+            t0 = steps_list[-1] * SELECTIVE_STEPS
+            t0 = tf.where(wide, t0 * WIDEN_STEPS, t0)
             branches = walks(ef_list[:-1] + [ef0], steps_list[:-1] + [t0], flt, entries)
             n_ids, n_scores, n_scored, n_removed = tf.switch_case(
                 walk_index, [branches[m] for m in walk_modes]

@@ -157,8 +157,9 @@ def test_exhaustive_under_a_filter_is_the_exact_answer(walking, evaluation, scor
 
 def test_the_filtered_walk_is_the_replay_with_the_same_filter(walking, workdir, evaluation, scores):
     """Mode beam, one category denied to every user: the TF walk and the numpy replay take the
-    same steps, with layer 0's ef grown by the filter's selectivity as the planner grows it."""
-    from model_export.export import SELECTIVE_EF, SELECTIVE_POWER
+    same steps, with layer 0's ef and T grown as the planner grows them, and the same pass through
+    disallowed neighbours."""
+    from model_export.export import SELECTIVE_EF, SELECTIVE_POWER, SELECTIVE_STEPS
     from nann_common.graph import load_graph
 
     graph = load_graph(workdir / "index")
@@ -171,7 +172,8 @@ def test_the_filtered_walk_is_the_replay_with_the_same_filter(walking, workdir, 
     assert set(out["plan"]) == {PLANS.index("walk")}
     for row, f in enumerate(filters):
         allowed = allowed_mask(evaluation, row, f)
-        top, scored = replay_user(graph, scores[row], [EF[0], ef0], list(STEPS), 1, K, allowed=allowed)
+        steps = [STEPS[0], STEPS[1] * SELECTIVE_STEPS]
+        top, scored = replay_user(graph, scores[row], [EF[0], ef0], steps, 1, K, allowed=allowed)
         got = np.searchsorted(ds.item_ids, out["item_ids"][row])
         assert set(top) == set(got), row
         assert scored == out["scored"][row]

@@ -56,7 +56,9 @@ def replay_user(
             beam, scored = np.concatenate([beam, new]), scored + len(new)
             met.append(new)
         top_down = start_layer - layer
-        beam, walked, new = walk_layer(graph, layer, key, beam, ef[top_down], steps[top_down])
+        beam, walked, new = walk_layer(
+            graph, layer, key, beam, ef[top_down], steps[top_down], allowed if layer == 0 else None
+        )
         scored += walked
         met.append(new)
     if allowed is None:
@@ -75,10 +77,14 @@ def _ranking(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     return -np.where(allowed, scores, scores - FILTER_OFFSET)
 
 
-def walk_layer(graph, layer: int, key, entry, width: int, rounds: int):
+def walk_layer(graph, layer: int, key, entry, width: int, rounds: int, allowed: np.ndarray | None = None):
     """Algorithm 2 on one layer from ``entry`` (already scored; every one is expanded first):
     at most ``rounds`` expansions of the newest beam members, ranked by ``key`` (ascending) ->
     (beam, items scored in the walk, those items).
+
+    With ``allowed`` (bool [N], a filter's items) a disallowed neighbour is passed through, not
+    scored: its own allowed neighbours are (each disallowed item once per walk), as
+    :func:`walk.search.search_layer` does on a filtered layer 0.
     """
     visited = np.zeros(len(key), bool)
     visited[entry] = True
@@ -92,6 +98,12 @@ def walk_layer(graph, layer: int, key, entry, width: int, rounds: int):
         nb = nb[nb >= 0]
         if rows is not None:
             nb = nb[rows[nb] >= 0]
+        if allowed is not None:
+            through = np.unique(nb[~allowed[nb] & ~visited[nb]])
+            visited[through] = True
+            second = table[through].ravel()
+            second = second[second >= 0]
+            nb = np.concatenate([nb[allowed[nb]], second[allowed[second]]])
         new = np.unique(nb[~visited[nb]])
         if not len(new):
             break

@@ -311,7 +311,8 @@ def search_layer(
       steps: T, the most rounds of neighbourhood expansion (scalar).
       flt, found, k: a filtered walk (a :class:`Filter`, :class:`Found`'s state, its k). The
         beam then ranks by :meth:`Filter.rank` keys (``ep_scores`` are such keys), and every
-        allowed item scored joins ``found``.
+        allowed item scored joins ``found``. On layer 0 a disallowed neighbour is passed through
+        unscored to its own neighbours, of which the allowed ones are scored.
     Returns:
       (ids [B, ef], scores (keys when filtered) [B, ef], items scored per user [B]), and
       ``found`` after the layer when filtered.
@@ -325,6 +326,7 @@ def search_layer(
     cand = ep_ids
     scored = tf.zeros([batch], tf.int32)
     extra = [] if flt is None else [found]
+    pass_through = flt is not None and layer == 0
 
     def cond(t, w_ids, w_s, cand, visited, scored, *extra):
         return (t < steps) & tf.reduce_any(cand >= 0)
@@ -334,10 +336,21 @@ def search_layer(
         # a round's neighbour lists are as wide as the most new members of a row, not ef.
         cand = _valid_ids(cand)
         new, count, visited = marker.visit(visited, graph.neighbors_of(layer, cand))
+        if pass_through:
+            # A disallowed neighbour is not scored: it is passed through, once, to its own allowed
+            # neighbours (ACORN's two-hop expansion), so the walk crosses a disallowed category
+            # without spending scores or beam slots on it. The filter is checked on the distinct
+            # new neighbours only, not on the padded lists.
+            ok = flt.allows(new)
+            second = _valid_ids(graph.neighbors_of(layer, _valid_ids(tf.where(ok, -1, new))))
+            more, _, visited = marker.visit(visited, tf.where(flt.allows(second), second, -1))
+            new = _valid_ids(tf.concat([tf.where(ok, new, -1), more], axis=1))
+            count = tf.reduce_sum(tf.cast(new >= 0, tf.int32), axis=1)
         s_new = _score_ids(score_fn, item_e, new)
         scored += count
         if flt is not None:
-            ok_new = flt.allows(new)
+            # Passed through, the disallowed neighbours were never scored: every new item is allowed.
+            ok_new = new >= 0 if pass_through else flt.allows(new)
             extra = [Found.add(extra[0], new, s_new, ok_new, k)]
             s_new = Filter.rank(s_new, ok_new)
         all_ids = tf.concat([w_ids, new], axis=1)
