@@ -86,6 +86,14 @@ class Dataset:
         length = self.offsets[users + 1] - start
         return start + (length + 1) // 2 - 1
 
+    def sample_histories(self, users: int, max_len: int, seed: int = 0) -> np.ndarray:
+        """Real behaviour histories of ``users`` seeded users: each one's most recent ``max_len``
+        behaviours before its last, [min(users, U), max_len] dense ids, ``PAD`` padded."""
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(self.num_users, size=min(users, self.num_users), replace=False)
+        ends = self.offsets[chosen + 1]
+        return self.histories(np.maximum(ends - 1, 0), max_len)
+
     def histories(self, positions, max_len: int = 50) -> np.ndarray:
         """Behaviours of the same user strictly before each position, oldest first.
 

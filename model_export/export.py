@@ -154,7 +154,9 @@ class RetrievalModule(tf.Module):
         graph,
         config: ExportConfig,
         max_len: int = 50,
+        item_category: np.ndarray | None = None,
     ):
+        """``item_category``: each item's dense category [N] (default: the model's own table)."""
         super().__init__(name="nann_retrieval")
         if np.any(np.diff(item_ids) <= 0):
             raise ArtifactError(
@@ -171,7 +173,13 @@ class RetrievalModule(tf.Module):
         self.graph = search.GraphTensors(list(graph.nodes), list(graph.neighbors), graph.entry_point)
         # Filters: each item's category, and the items grouped by category (offsets[c] to
         # offsets[c + 1] in category_items), so that a category allow-list is a gather, not a scan.
-        item_category = np.asarray(model.item_category.numpy(), np.int32)
+        if item_category is None:
+            item_category = model.item_category.numpy()
+        item_category = np.asarray(item_category, np.int32)
+        if item_category.shape != (self.num_items,):
+            raise ArtifactError(
+                f"item_category has shape {item_category.shape}, expected ({self.num_items},); re-run train"
+            )
         self.num_categories = int(model.config.num_categories)
         by_category = np.argsort(item_category, kind="stable").astype(np.int32)
         offsets = np.searchsorted(item_category[by_category], np.arange(self.num_categories + 1))
@@ -732,20 +740,32 @@ def _next_version(export_root: Path) -> int:
 WARMUP_BATCHES = ((1, 48), (4, 4), (16, 2), (32, 2))
 
 
-def warmup_histories(workdir: Path, item_ids: np.ndarray, max_len: int, users: int, seed: int = 0):
-    """Real behaviour histories (original ids, -1 padded) of ``users`` seeded users for warm-up.
+def corpus_tables(workdir: Path, item_ids: np.ndarray, max_len: int, num_categories: int):
+    """(item -> dense category [N], category labels [C], real behaviour histories [u, max_len] in
+    original ids, -1 padded) for the export: each user's most recent behaviours, so that the warm-up
+    walks reach the candidate widths real requests reach.
 
-    Taken from the workdir's dataset (each user's most recent ``max_len`` behaviours), so
-    the warm-up walks reach the candidate widths real requests reach.
+    Read from the embeddings artifact (written by train), so that an export needs no training data;
+    a workdir trained before it carried them falls back to the dataset and the model.
     """
-    from model_export.data import load_dataset
+    from model_export import train
 
-    ds = load_dataset(workdir / "dataset")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(ds.num_users, size=min(users, ds.num_users), replace=False)
-    ends = ds.offsets[chosen + 1]
-    hist = ds.histories(np.maximum(ends - 1, 0), max_len)  # behaviours before the last one
-    return np.where(hist >= 0, item_ids[np.maximum(hist, 0)], contract.PAD_ID).astype(np.int64)
+    emb = workdir / "embeddings"
+    if (emb / train.ITEM_CATEGORY_FILE).is_file():
+        item_category = np.load(emb / train.ITEM_CATEGORY_FILE)
+        labels = [str(x) for x in json.loads((emb / train.CATEGORY_LABELS_FILE).read_text())]
+        hist = np.load(emb / train.SAMPLE_HISTORIES_FILE)
+    else:
+        from model_export.data import load_dataset
+
+        ds = load_dataset(workdir / "dataset")
+        item_category = None  # the model's own table
+        labels = [str(x) for x in ds.category_names]
+        dense = ds.sample_histories(train.SAMPLE_USERS, max_len)
+        hist = np.where(dense >= 0, item_ids[np.maximum(dense, 0)], contract.PAD_ID)
+    if len(labels) != num_categories:
+        raise ArtifactError(f"{emb} names {len(labels)} categories, the model {num_categories}; re-run train")
+    return item_category, labels, np.asarray(hist, np.int64)[:, :max_len]
 
 
 def write_warmup_requests(path: Path, histories: np.ndarray, k: int, ef, steps, mode: str) -> int:
@@ -836,18 +856,6 @@ def measured_walk_cost(module: RetrievalModule, histories: np.ndarray, config: E
     return float(np.concatenate(scored).mean())
 
 
-def _category_labels(workdir: Path, num_categories: int) -> list[str]:
-    """The original category label of each dense category, from the workdir's dataset."""
-    from model_export.data import load_dataset
-
-    names = [str(x) for x in load_dataset(workdir / "dataset").category_names]
-    if len(names) != num_categories:
-        raise ArtifactError(
-            f"{workdir / 'dataset'} has {len(names)} categories, the model {num_categories}; re-run train"
-        )
-    return names
-
-
 def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     """Writes the next ``DIR/export/<version>/`` SavedModel and returns its path.
 
@@ -870,12 +878,13 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     item_e = np.load(workdir / "embeddings" / "item_embeddings.npy")
     item_ids = np.load(workdir / "embeddings" / "item_ids.npy")
     max_len = int(model_meta["params"]["max_len"])
-    module = RetrievalModule(model, item_e, item_ids, graph, config, max_len)
-    warmup = warmup_histories(workdir, np.asarray(item_ids, np.int64), max_len, users=64)
+    item_category, categories, warmup = corpus_tables(
+        workdir, np.asarray(item_ids, np.int64), max_len, int(model.config.num_categories)
+    )
+    module = RetrievalModule(model, item_e, item_ids, graph, config, max_len, item_category)
     walk_cost = measured_walk_cost(module, warmup, config)
     exact_below = config.exact_below if config.exact_below is not None else int(EXACT_COST_FACTOR * walk_cost)
     module.exact_below.assign(exact_below)
-    categories = _category_labels(workdir, module.num_categories)
 
     export_root = workdir / EXPORT_DIR
     export_root.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ A workdir holds one training run:
   train/        run parameters and tf.train checkpoints (resume state)
   logs/         TensorBoard event files
   model/        the trained model: weights, config, item->category table
-  embeddings/   e_v of every item, the input of the index builder
+  embeddings/   e_v of every item, the input of the index builder, and the corpus tables the
+                export reads (item categories, category labels, sample histories)
 Each artifact directory carries meta.json with provenance and checksums.
 """
 
@@ -409,10 +410,20 @@ def item_embedding_matrix(model: NannModel, batch: int = 65536) -> np.ndarray:
     return out
 
 
+# The embeddings artifact also carries the corpus tables the export needs, so that an export (and a
+# re-export) reads no training data: each item's dense category, the categories' original labels, and
+# SAMPLE_USERS real behaviour histories (original item ids, -1 padded) for the export's warm-up.
+ITEM_CATEGORY_FILE = "item_category.npy"
+CATEGORY_LABELS_FILE = "categories.json"
+SAMPLE_HISTORIES_FILE = "sample_histories.npy"
+SAMPLE_USERS = 64
+
+
 def export_artifacts(
     model: NannModel, dataset: Dataset, workdir: Path, config: TrainConfig, summary: dict
 ) -> None:
-    """Writes ``model/`` and ``embeddings/`` atomically, each with provenance."""
+    """Writes ``model/`` and ``embeddings/`` (e_v, item ids and the corpus tables) atomically,
+    each with provenance."""
     dataset_sha = artifacts.digest(dataset.meta)
     params = {**dataclasses.asdict(config), "model": dataclasses.asdict(model.config)}
     with artifacts.atomic_dir(workdir / "model") as tmp:
@@ -423,6 +434,11 @@ def export_artifacts(
     with artifacts.atomic_dir(workdir / "embeddings") as tmp:
         np.save(tmp / "item_embeddings.npy", item_embedding_matrix(model))
         np.save(tmp / "item_ids.npy", dataset.item_ids)
+        np.save(tmp / ITEM_CATEGORY_FILE, np.asarray(dataset.item_category, np.int32))
+        (tmp / CATEGORY_LABELS_FILE).write_text(json.dumps([str(x) for x in dataset.category_names]) + "\n")
+        sample = dataset.sample_histories(SAMPLE_USERS, config.max_len)
+        sample = np.where(sample >= 0, dataset.item_ids[np.maximum(sample, 0)], -1).astype(np.int64)
+        np.save(tmp / SAMPLE_HISTORIES_FILE, sample)
         meta = artifacts.provenance(
             "embeddings",
             {"dim": model.config.item_dim, "num_items": model.config.num_items},

@@ -17,7 +17,7 @@ from model_export import export as export_module
 from model_export.evaluate import Evaluation
 from model_export.export import DEFAULT_STEPS, ExportConfig, RetrievalModule
 from nann_common import contract
-from nann_common.errors import InputError
+from nann_common.errors import ArtifactError, InputError
 
 EXPORT = ExportConfig(**EXPORT_PARAMS)
 START_LAYER = 1  # what the start-layer rule picks for the fixture's graph and ef (checked below)
@@ -196,6 +196,45 @@ def test_export_versions_and_provenance(workdir):
     assert meta["params"]["score_split"] == export_module.DEFAULT_XLA_SCORE_SPLIT
     assert any(name.startswith("variables/") for name in meta["files"])
     assert set(meta["inputs"]) == {"model", "embeddings", "index"}
+
+
+def test_the_export_reads_its_corpus_tables_from_the_embeddings_not_the_dataset(
+    workdir, tmp_path, monkeypatch
+):
+    """The export's item categories, category labels and warm-up histories come from embeddings/
+    (written by train): a workdir without dataset/ gives the same tables as the dataset itself
+    (the fallback for embeddings written before they carried them), so a re-export needs no
+    training data."""
+    import shutil
+
+    from model_export import data
+    from model_export.export import corpus_tables
+
+    item_ids = np.load(workdir / "embeddings" / "item_ids.npy")
+    max_len, categories = 50, len(data.load_dataset(workdir / "dataset").category_names)
+    old = tmp_path / "old"
+    shutil.copytree(workdir / "dataset", old / "dataset")
+    shutil.copytree(workdir / "embeddings", old / "embeddings")
+    for name in ("item_category.npy", "categories.json", "sample_histories.npy"):
+        (old / "embeddings" / name).unlink()
+    from_dataset = corpus_tables(old, item_ids, max_len, categories)
+    assert from_dataset[0] is None  # the model's own table
+
+    new = tmp_path / "new"
+    shutil.copytree(workdir / "embeddings", new / "embeddings")
+
+    def no_dataset(directory):
+        raise AssertionError(f"the export read {directory}")
+
+    monkeypatch.setattr(data, "load_dataset", no_dataset)
+    cats, labels, histories = corpus_tables(new, item_ids, max_len, categories)
+    model_table = np.load(workdir / "model" / "item_category.npy")
+    np.testing.assert_array_equal(cats, model_table)
+    assert labels == from_dataset[1]
+    np.testing.assert_array_equal(histories, from_dataset[2])
+    assert histories.shape == (64, max_len) and np.isin(histories[histories >= 0], item_ids).all()
+    with pytest.raises(ArtifactError, match="re-run train"):
+        corpus_tables(new, item_ids, max_len, categories + 1)
 
 
 @pytest.mark.e2e
