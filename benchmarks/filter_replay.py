@@ -32,32 +32,10 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.walk_replay import cached_scores
-from walk.replay import _ranking, walk_layer
+from walk.replay import replay_walk
 
 VARIANTS = ("default", "previous")
 PREVIOUS_POWER = 0.6
-
-
-def replay(graph, scores, allowed, ef, steps, start_nodes, seeds, k, through: bool):
-    """The default query's filtered walk for one user -> (answer, items scored, the items scored)."""
-    key = _ranking(scores, allowed)
-    beam = start_nodes[np.argsort(key[start_nodes], kind="stable")[: ef[0]]]
-    scored, met = len(start_nodes), [start_nodes]
-    top = len(ef) - 1
-    for layer in range(top - 1, -1, -1):
-        if layer == 0:
-            new = np.setdiff1d(seeds, beam)
-            beam, scored = np.concatenate([beam, new]), scored + len(new)
-            met.append(new)
-        pass_through = allowed if layer == 0 and through else None
-        beam, walked, new = walk_layer(
-            graph, layer, key, beam, ef[top - layer], steps[top - layer], pass_through
-        )
-        scored += walked
-        met.append(new)
-    pool = np.unique(np.concatenate(met))
-    pool = pool[allowed[pool]]
-    return pool[np.argsort(key[pool], kind="stable")[:k]], scored, pool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
                 if len(allow) <= entry_cap:
                     seeds = np.concatenate([seeds, entries[allow]])
                 seeds = np.unique(seeds[seeds >= 0])
-                walk = (graph, scores[u], allowed)
-                top, scored, pool = replay(*walk, e, t, start_nodes, seeds, k, variant == "default")
+                walk = (graph, scores[u], e, t, params["start_layer"], start_nodes, seeds, allowed)
+                key, _, scored, pool = replay_walk(*walk, pass_through=variant == "default")
+                top = pool[allowed[pool]]
                 if len(top) < want:  # widen, as the planner
                     e[-1] *= rules.WIDEN_EF
                     t[-1] *= rules.WIDEN_STEPS
-                    top, more, pool = replay(*walk, e, t, start_nodes, seeds, k, variant == "default")
+                    key, _, more, pool = replay_walk(*walk, pass_through=variant == "default")
+                    top = pool[allowed[pool]]
                     scored += more
+                top = top[np.argsort(key[top], kind="stable")[:k]]
                 missed = np.setdiff1d(best, top)
                 reached = np.zeros(int(cats.max()) + 1, bool)
                 reached[cats[pool]] = True

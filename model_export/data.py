@@ -88,11 +88,12 @@ class Dataset:
 
     def sample_histories(self, users: int, max_len: int, seed: int = 0) -> np.ndarray:
         """Real behaviour histories of ``users`` seeded users: each one's most recent ``max_len``
-        behaviours before its last, [min(users, U), max_len] dense ids, ``PAD`` padded."""
+        behaviours before its last, [min(users, U), max_len] int64 ORIGINAL item ids, ``PAD`` padded
+        (what a caller sends)."""
         rng = np.random.default_rng(seed)
         chosen = rng.choice(self.num_users, size=min(users, self.num_users), replace=False)
-        ends = self.offsets[chosen + 1]
-        return self.histories(np.maximum(ends - 1, 0), max_len)
+        dense = self.histories(np.maximum(self.offsets[chosen + 1] - 1, 0), max_len)
+        return np.where(dense >= 0, self.item_ids[np.maximum(dense, 0)], PAD).astype(np.int64)
 
     def histories(self, positions, max_len: int = 50) -> np.ndarray:
         """Behaviours of the same user strictly before each position, oldest first.

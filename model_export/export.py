@@ -740,7 +740,7 @@ def _next_version(export_root: Path) -> int:
 WARMUP_BATCHES = ((1, 48), (4, 4), (16, 2), (32, 2))
 
 
-def corpus_tables(workdir: Path, item_ids: np.ndarray, max_len: int, num_categories: int):
+def corpus_tables(workdir: Path, max_len: int, num_categories: int):
     """(item -> dense category [N], category labels [C], real behaviour histories [u, max_len] in
     original ids, -1 padded) for the export: each user's most recent behaviours, so that the warm-up
     walks reach the candidate widths real requests reach.
@@ -761,8 +761,7 @@ def corpus_tables(workdir: Path, item_ids: np.ndarray, max_len: int, num_categor
         ds = load_dataset(workdir / "dataset")
         item_category = None  # the model's own table
         labels = [str(x) for x in ds.category_names]
-        dense = ds.sample_histories(train.SAMPLE_USERS, max_len)
-        hist = np.where(dense >= 0, item_ids[np.maximum(dense, 0)], contract.PAD_ID)
+        hist = ds.sample_histories(train.SAMPLE_USERS, max_len)
     if len(labels) != num_categories:
         raise ArtifactError(f"{emb} names {len(labels)} categories, the model {num_categories}; re-run train")
     return item_category, labels, np.asarray(hist, np.int64)[:, :max_len]
@@ -878,9 +877,7 @@ def export(workdir: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     item_e = np.load(workdir / "embeddings" / "item_embeddings.npy")
     item_ids = np.load(workdir / "embeddings" / "item_ids.npy")
     max_len = int(model_meta["params"]["max_len"])
-    item_category, categories, warmup = corpus_tables(
-        workdir, np.asarray(item_ids, np.int64), max_len, int(model.config.num_categories)
-    )
+    item_category, categories, warmup = corpus_tables(workdir, max_len, int(model.config.num_categories))
     module = RetrievalModule(model, item_e, item_ids, graph, config, max_len, item_category)
     walk_cost = measured_walk_cost(module, warmup, config)
     exact_below = config.exact_below if config.exact_below is not None else int(EXACT_COST_FACTOR * walk_cost)

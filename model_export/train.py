@@ -436,9 +436,7 @@ def export_artifacts(
         np.save(tmp / "item_ids.npy", dataset.item_ids)
         np.save(tmp / ITEM_CATEGORY_FILE, np.asarray(dataset.item_category, np.int32))
         (tmp / CATEGORY_LABELS_FILE).write_text(json.dumps([str(x) for x in dataset.category_names]) + "\n")
-        sample = dataset.sample_histories(SAMPLE_USERS, config.max_len)
-        sample = np.where(sample >= 0, dataset.item_ids[np.maximum(sample, 0)], -1).astype(np.int64)
-        np.save(tmp / SAMPLE_HISTORIES_FILE, sample)
+        np.save(tmp / SAMPLE_HISTORIES_FILE, dataset.sample_histories(SAMPLE_USERS, config.max_len))
         meta = artifacts.provenance(
             "embeddings",
             {"dim": model.config.item_dim, "num_items": model.config.num_items},

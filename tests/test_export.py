@@ -217,7 +217,7 @@ def test_the_export_reads_its_corpus_tables_from_the_embeddings_not_the_dataset(
     shutil.copytree(workdir / "embeddings", old / "embeddings")
     for name in ("item_category.npy", "categories.json", "sample_histories.npy"):
         (old / "embeddings" / name).unlink()
-    from_dataset = corpus_tables(old, item_ids, max_len, categories)
+    from_dataset = corpus_tables(old, max_len, categories)
     assert from_dataset[0] is None  # the model's own table
 
     new = tmp_path / "new"
@@ -227,14 +227,14 @@ def test_the_export_reads_its_corpus_tables_from_the_embeddings_not_the_dataset(
         raise AssertionError(f"the export read {directory}")
 
     monkeypatch.setattr(data, "load_dataset", no_dataset)
-    cats, labels, histories = corpus_tables(new, item_ids, max_len, categories)
+    cats, labels, histories = corpus_tables(new, max_len, categories)
     model_table = np.load(workdir / "model" / "item_category.npy")
     np.testing.assert_array_equal(cats, model_table)
     assert labels == from_dataset[1]
     np.testing.assert_array_equal(histories, from_dataset[2])
     assert histories.shape == (64, max_len) and np.isin(histories[histories >= 0], item_ids).all()
     with pytest.raises(ArtifactError, match="re-run train"):
-        corpus_tables(new, item_ids, max_len, categories + 1)
+        corpus_tables(new, max_len, categories + 1)
 
 
 @pytest.mark.e2e

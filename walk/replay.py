@@ -40,6 +40,27 @@ def replay_user(
     but each beam ranks allowed items before the others (by score within each), and the answer
     is the best ``k`` allowed items among all the walk scored: fewer when it met fewer.
     """
+    key, beam, scored, met = replay_walk(graph, scores, ef, steps, start_layer, start_nodes, seeds, allowed)
+    if allowed is None:
+        return beam[np.argsort(key[beam], kind="stable")[:k]], scored
+    pool = met[allowed[met]]
+    return pool[np.argsort(key[pool], kind="stable")[:k]], scored
+
+
+def replay_walk(
+    graph,
+    scores: np.ndarray,
+    ef: list[int],
+    steps: list[int],
+    start_layer: int,
+    start_nodes: np.ndarray | None = None,
+    seeds: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
+    pass_through: bool = True,
+):
+    """The walk of :func:`replay_user` -> (the beams' sort keys [N], layer 0's beam, items scored,
+    every item scored, unique). ``pass_through`` False walks a filter as before pass-through: a
+    disallowed neighbour is scored (and walked when the beam has room)."""
     key = _ranking(scores, allowed)
     seeds = None if seeds is None else np.unique(seeds[seeds >= 0])
     if start_layer == 0 and seeds is not None:
@@ -56,16 +77,11 @@ def replay_user(
             beam, scored = np.concatenate([beam, new]), scored + len(new)
             met.append(new)
         top_down = start_layer - layer
-        beam, walked, new = walk_layer(
-            graph, layer, key, beam, ef[top_down], steps[top_down], allowed if layer == 0 else None
-        )
+        through = allowed if layer == 0 and pass_through else None
+        beam, walked, new = walk_layer(graph, layer, key, beam, ef[top_down], steps[top_down], through)
         scored += walked
         met.append(new)
-    if allowed is None:
-        return beam[np.argsort(key[beam], kind="stable")[:k]], scored
-    pool = np.unique(np.concatenate(met))
-    pool = pool[allowed[pool]]
-    return pool[np.argsort(key[pool], kind="stable")[:k]], scored
+    return key, beam, scored, np.unique(np.concatenate(met))
 
 
 def _ranking(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
